@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSDEPS := libacl1-dev acl openssl nginx-light gcc
 CACHE := tests/.cache
 
 .PHONY: test lint typecheck pytest demo zip bench docs sysdeps venv waagent clean
@@ -12,13 +11,7 @@ CACHE := tests/.cache
 test: venv waagent docs-check lint typecheck pytest
 
 sysdeps:
-	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing system packages:$$missing"; \
-	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $$missing)) ; \
-	  else echo "missing system packages; run: sudo apt-get install -y$$missing" >&2; exit 1; fi; \
-	fi
+	@PYTHON=$(PYTHON) sh build/sysdeps.sh
 
 venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml | sysdeps
@@ -30,9 +23,7 @@ $(STAMP): setup.cfg pyproject.toml | sysdeps
 # The real WALinuxAgent code (Debian package `waagent`) for protocol conformance tests.
 waagent: $(CACHE)/waagent/.done
 $(CACHE)/waagent/.done: | sysdeps
-	@mkdir -p $(CACHE)/waagent
-	cd $(CACHE) && (ls waagent_*.deb >/dev/null 2>&1 || apt-get download waagent 2>/dev/null || (apt-get update -qq && apt-get download waagent))
-	dpkg-deb -x $$(ls $(CACHE)/waagent_*.deb | head -1) $(CACHE)/waagent/root
+	sh build/waagent.sh $(CACHE)/waagent
 	@touch $@
 
 lint: venv
