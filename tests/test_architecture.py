@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = sorted((ROOT / "akvvm_ext").glob("*.py"))
-WAAGENT_WORDS = re.compile(r"\bseq\b|status file|HandlerEnvironment|\.settings\b", re.IGNORECASE)
+WAAGENT_WORDS = re.compile(r"\bseq\b|status file|HandlerEnvironment", re.IGNORECASE)
 
 
 def _imported_modules(path: Path) -> set[str]:
