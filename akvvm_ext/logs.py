@@ -1,0 +1,232 @@
+"""Logging of the engine: one line per event, rotated files, optional fluentd that never blocks.
+
+Line format: `YYYY-MM-DD hh:mm:ss: <LEVEL> [<Component>] <message>` in UTC. The component is
+`extra={"component": ...}` when given, else the logger's last name segment capitalised
+(`akvvm_ext.sync` -> `Sync`), else (root, `__main__`) the component given to `setup`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+from fluent.sender import FluentSender
+
+from akvvm_ext.model import LoggingTarget
+
+FORMAT = "%(asctime)s: %(levelname)s [%(component)s] %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+ROTATE_BYTES = 1024 * 1024
+ROTATE_KEEP = 5
+QUEUE_SIZE = 1000
+FLUENT_TIMEOUT_S = 1.0
+
+_REDACTIONS = (
+    (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+                re.DOTALL), "[REDACTED KEY]"),
+    (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer [REDACTED]"),
+    (re.compile(r"(?i)([\"']?(?:access_token|refresh_token|client_secret|password)[\"']?\s*[:=]\s*)"
+                r"[\"']?[^\"'\s,&}]+[\"']?"), r"\1[REDACTED]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "[REDACTED JWT]"),
+)
+
+
+def redact(text: str) -> str:
+    """Remove private keys, bearer tokens and token values from a line (last line of defence)."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactFilter(logging.Filter):
+    """Rewrites each record's message and traceback through `redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+class ComponentFilter(logging.Filter):
+    """Gives every record a `component` attribute (see the module docstring)."""
+
+    def __init__(self, default: str) -> None:
+        super().__init__()
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "component", None):
+            last = record.name.rsplit(".", 1)[-1]
+            plain = last in {"root", "__main__"} or not last
+            record.component = self.default if plain else last.capitalize()
+        return True
+
+
+class UtcFormatter(logging.Formatter):
+    """The one line format, timestamps in UTC."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT, DATEFMT)
+        self.converter = time.gmtime
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files are born 0600 (logs name paths and hosts, nothing for others)."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, "a", encoding="utf-8")
+
+
+class Fluent:
+    """Forwards records to fluentd from a background thread through a bounded queue.
+
+    `handler` only enqueues (never blocks); when the queue is full the record is dropped and
+    counted. The sender uses short timeouts; its own buffer overflow counts as drops too.
+    """
+
+    def __init__(self, target: LoggingTarget, maxsize: int = QUEUE_SIZE,
+                 timeout: float = FLUENT_TIMEOUT_S) -> None:
+        host = f"unix://{target.unix_path}" if target.unix_path else (target.host or "localhost")
+        self.sender = FluentSender(target.servicename, host=host, port=target.port or 24224,
+                                   timeout=timeout, buffer_overflow_handler=self._overflow)
+        self.queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize)
+        self.dropped = 0
+        self._reported = 0
+        self.handler = _Enqueue(self)
+        self._thread = threading.Thread(target=self._pump, name="fluentd", daemon=True)
+        self._thread.start()
+
+    def _overflow(self, pending: bytes) -> None:
+        self.dropped += 1
+
+    def _pump(self) -> None:
+        while (record := self.queue.get()) is not None:
+            self._send(record)
+            if self.dropped > self._reported and self.queue.empty():
+                note = f"{self.dropped - self._reported} log records dropped (fluentd slow or down)"
+                self._reported = self.dropped
+                self._send(logging.makeLogRecord({"msg": note, "levelname": "WARNING",
+                                                  "component": "Logging"}))
+
+    def _send(self, record: logging.LogRecord) -> None:
+        data = {"level": record.levelname, "component": getattr(record, "component", ""),
+                "message": record.getMessage()}
+        try:
+            self.sender.emit_with_time(None, int(record.created), data)
+        except Exception:  # noqa: BLE001 - fluentd must never take the service down
+            self.dropped += 1
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Flush what is queued within `timeout`, then close; never hangs the service's exit."""
+        try:
+            self.queue.put(None, timeout=timeout / 2)
+        except queue.Full:
+            pass
+        self._thread.join(timeout / 2)
+        if not self._thread.is_alive():
+            self.sender.close()
+
+
+class _Enqueue(logging.Handler):
+    def __init__(self, fluent: Fluent) -> None:
+        super().__init__()
+        self.fluent = fluent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.fluent.queue.put_nowait(record)
+        except queue.Full:
+            self.fluent.dropped += 1
+
+
+_state: dict[str, Any] = {"handlers": [], "fluent": None}
+
+
+def setup(log_dir: str | None, component: str, target: LoggingTarget | None = None, *,
+          filename: str = "akvvm_service.log", level: int = logging.INFO) -> Fluent | None:
+    """Route the root logger to `<log_dir>/<filename>` (stderr when None) and fluentd.
+
+    Calling it again replaces what an earlier call installed. Returns the fluentd forwarder.
+    """
+    shutdown()
+    root = logging.getLogger()
+    handlers = [_file_or_stderr(log_dir, filename)]
+    fluent = Fluent(target) if target else None
+    if fluent:
+        handlers.append(fluent.handler)
+    for handler in handlers:
+        handler.addFilter(ComponentFilter(component))
+        handler.addFilter(RedactFilter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    _state.update(handlers=handlers, fluent=fluent)
+    return fluent
+
+
+def _file_or_stderr(log_dir: str | None, filename: str) -> logging.Handler:
+    handler: logging.Handler
+    if log_dir is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        os.makedirs(log_dir, mode=0o755, exist_ok=True)
+        handler = PrivateRotatingFileHandler(os.path.join(log_dir, filename),
+                                             maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP,
+                                             encoding="utf-8")
+    handler.setFormatter(UtcFormatter())
+    return handler
+
+
+def shutdown() -> None:
+    """Remove the handlers `setup` installed, flushing fluentd briefly and noting drops."""
+    root = logging.getLogger()
+    fluent: Fluent | None = _state["fluent"]
+    if fluent is not None:
+        root.removeHandler(fluent.handler)
+        fluent.stop()
+        if fluent.dropped:
+            logging.getLogger("akvvm_ext.logging").warning(
+                "fluentd: %d log records dropped in total", fluent.dropped)
+    for handler in _state["handlers"]:
+        root.removeHandler(handler)
+        handler.close()
+    _state.update(handlers=[], fluent=None)
+
+
+class Throttle:
+    """Logs a failure repeated every cycle at growing intervals, and always when it changes.
+
+    `check(key, message)` returns the text to log or None: the 1st, 2nd, 4th, 8th... repeat of
+    the same message for a key (then every 64th), each with its repeat count. `clear(key)` on
+    success, so the next failure is logged at once.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, int]] = {}
+
+    def check(self, key: str, message: str) -> str | None:
+        last, count = self._seen.get(key, ("", 0))
+        count = count + 1 if last == message else 1
+        self._seen[key] = (message, count)
+        if count == 1:
+            return message
+        if (count & (count - 1)) == 0 or count % 64 == 0:
+            return f"{message} (same failure {count} times in a row)"
+        return None
+
+    def clear(self, key: str) -> bool:
+        """Forget `key`; True if it was failing (worth a "recovered" line)."""
+        return self._seen.pop(key, None) is not None

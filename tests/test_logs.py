@@ -1,0 +1,137 @@
+"""Service logging: line format, rotation, redaction, throttling and a fluentd that never blocks."""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from akvvm_ext import logs
+from akvvm_ext.model import LoggingTarget
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (INFO|WARNING|ERROR) \[[A-Za-z]+\] .+$")
+KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Each test leaves the root logger as it found it."""
+    yield
+    logs.shutdown()
+
+
+def read(log_dir: Path) -> list[str]:
+    """The lines of the service log."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    return (log_dir / "akvvm_service.log").read_text().splitlines()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_line_format_and_component(tmp_path: Path) -> None:
+    """Lines are `YYYY-MM-DD hh:mm:ss: LEVEL [Component] message`, component from the logger."""
+    logs.setup(str(tmp_path), "Service")
+    logging.getLogger("akvvm_ext.sync").info("installed %s", "web")
+    logging.getLogger().warning("root says")
+    logging.getLogger("x").error("explicit", extra={"component": "Identity"})
+    lines = read(tmp_path)
+    assert all(LINE.match(line) for line in lines), lines
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "INFO [Sync] installed web", "WARNING [Service] root says", "ERROR [Identity] explicit"]
+
+
+def test_timestamps_are_utc(tmp_path: Path) -> None:
+    """The timestamp is UTC whatever the local zone."""
+    logs.setup(str(tmp_path), "Service")
+    logging.getLogger().info("now")
+    stamp = read(tmp_path)[0][:19]
+    expected = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    assert stamp.startswith(expected[:13])
+
+
+def test_log_file_is_private_and_rotates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log is born 0600 and rotates into numbered files of bounded size."""
+    monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
+    logs.setup(str(tmp_path), "Service")
+    for n in range(200):
+        logging.getLogger().info("line %d %s", n, "x" * 50)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "akvvm_service.log.1" in files and len(files) == logs.ROTATE_KEEP + 1
+    for name in files:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+        assert (tmp_path / name).stat().st_size <= 2100
+
+
+def test_private_keys_and_tokens_are_redacted(tmp_path: Path) -> None:
+    """PEM private keys, bearer tokens and token values never reach the log."""
+    logs.setup(str(tmp_path), "Service")
+    log = logging.getLogger("akvvm_ext.keyvault")
+    log.info("value %s", KEY)
+    log.info("header Authorization: Bearer abc.def-ghi")
+    log.info('body {"access_token": "tok123", "expires_in": "3600"}')
+    try:
+        raise ValueError("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0xyz.c2lnbmF0dXJl")
+    except ValueError:
+        log.exception("failed")
+    text = "\n".join(read(tmp_path))
+    for secret in ("PRIVATE KEY", "MIIEvQ", "abc.def-ghi", "tok123", "eyJhbGci"):
+        assert secret not in text
+    assert "[REDACTED KEY]" in text and "expires_in" in text
+
+
+def test_redact_keeps_ordinary_text() -> None:
+    """Redaction leaves normal messages untouched."""
+    line = "installed https://v.vault.azure.net/secrets/web version 0a1b into /store"
+    assert logs.redact(line) == line
+
+
+def test_throttle_logs_changes_at_once_and_repeats_sparsely() -> None:
+    """A failure repeated every cycle is logged at growing intervals, a new one at once."""
+    throttle = logs.Throttle()
+    logged = [n for n in range(1, 101) if throttle.check("web", "403") is not None]
+    assert logged == [1, 2, 4, 8, 16, 32, 64]
+    assert throttle.check("web", "404") == "404"
+    assert throttle.check("other", "403") == "403"
+    assert throttle.clear("web") is True and throttle.clear("web") is False
+    assert throttle.check("web", "404") == "404"
+
+
+def test_fluentd_down_never_blocks_logging(tmp_path: Path) -> None:
+    """With nothing listening, thousands of records log quickly; the excess is counted."""
+    target = LoggingTarget(servicename="akvvm_service", host="127.0.0.1", port=free_port())
+    fluent = logs.setup(str(tmp_path), "Service", target)
+    assert fluent is not None
+    start = time.monotonic()
+    for n in range(5000):
+        logging.getLogger().info("record %d", n)
+    assert time.monotonic() - start < 2.0
+    assert len(read(tmp_path)) == 5000
+
+
+def test_fluentd_blackhole_drops_instead_of_waiting(tmp_path: Path) -> None:
+    """A fluentd that accepts but never reads: records are dropped, never waited on."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        target = LoggingTarget(servicename="s", host="127.0.0.1", port=server.getsockname()[1])
+        fluent = logs.setup(str(tmp_path), "Service", target)
+        assert fluent is not None
+        start = time.monotonic()
+        for n in range(3000):
+            logging.getLogger().info("record %d %s", n, "y" * 2000)
+        assert time.monotonic() - start < 3.0
+        assert fluent.dropped > 0
+        start = time.monotonic()
+        logs.shutdown()
+        assert time.monotonic() - start < 3.0
