@@ -1,0 +1,188 @@
+"""The VM's managed identity as an azure-identity credential, pointed at the configured endpoint.
+
+`credential()` is the one place in the engine that writes environment variables (see `apply`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from azure.identity import ManagedIdentityCredential
+
+from .model import Identity
+
+log = logging.getLogger("akvvm.identity")
+
+IMDS_ORIGIN = "http://169.254.169.254"  # azure-identity's default when nothing is configured
+ARC_PORT = 40342  # the Azure Arc agent (HIMDS) listens on localhost:40342
+MSI_PATH = "/metadata/identity/oauth2/token"  # Arc: IDENTITY_ENDPOINT is the full URL
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+# azure-identity picks its flow from these; an explicit msiEndpoint must not be overridden by them.
+POD_HOST = "AZURE_POD_IDENTITY_AUTHORITY_HOST"  # IMDS flow: scheme://host[:port], nothing more
+ARC_VARS = ("IDENTITY_ENDPOINT", "IMDS_ENDPOINT")  # Arc flow: both set, no IDENTITY_HEADER
+OTHER_FLOWS = ("IDENTITY_HEADER", "MSI_ENDPOINT", "MSI_SECRET")  # App Service, Azure ML
+PROXY_BYPASS = ("NO_PROXY", "no_proxy")  # requests reads no_proxy first, then NO_PROXY
+ENV_KEYS = (POD_HOST, *ARC_VARS, *OTHER_FLOWS, *PROXY_BYPASS)
+
+# azure-identity's own IMDS retry (5 retries on 404/410/429/5xx); only scaled, never replaced.
+IMDS_BACKOFF_FACTOR = 0.8
+IMDS_BACKOFF_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the token comes from: an IMDS-style endpoint or the Azure Arc agent."""
+
+    kind: Literal["imds", "arc"]
+    origin: str  # scheme://host[:port]
+    host: str
+
+
+def endpoint(msi_endpoint: str, *, arc_port: int = ARC_PORT) -> Endpoint:
+    """Classify an msiEndpoint as written (`…/metadata/identity[/oauth2/token]`). No I/O."""
+    parts = urlsplit(msi_endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"msiEndpoint {msi_endpoint!r} is not an http(s) URL with a host")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    arc = parts.hostname in LOOPBACK and parts.port == arc_port
+    return Endpoint("arc" if arc else "imds", origin, parts.hostname)
+
+
+def environment(
+    identity: Identity, current: Mapping[str, str], *, arc_port: int = ARC_PORT
+) -> dict[str, str | None]:
+    """The environment changes `identity` needs (None = remove). No I/O.
+
+    Without an msiEndpoint only the proxy bypass is added: azure-identity's defaults and the
+    standard variables already in the environment stay as they are.
+    """
+    changes: dict[str, str | None] = {}
+    if identity.msi_endpoint:
+        target = endpoint(identity.msi_endpoint, arc_port=arc_port)
+        changes.update(dict.fromkeys((k for k in OTHER_FLOWS if k in current), None))
+        if target.kind == "arc":
+            changes.update({ARC_VARS[0]: target.origin + MSI_PATH, ARC_VARS[1]: target.origin})
+        else:
+            changes.update(dict.fromkeys((k for k in ARC_VARS if k in current), None))
+            changes[POD_HOST] = target.origin
+        hosts = [target.host]
+    else:
+        hosts = _default_hosts(current)
+    bypass = _no_proxy(current, hosts)
+    if bypass is not None:
+        changes.update(dict.fromkeys(PROXY_BYPASS, bypass))
+    return changes
+
+
+def _default_hosts(current: Mapping[str, str]) -> list[str]:
+    """The hosts azure-identity talks to when left to its defaults."""
+    origins = [current.get(POD_HOST) or IMDS_ORIGIN]
+    if all(current.get(k) for k in ARC_VARS):
+        origins.append(current[ARC_VARS[0]])
+    return [h for h in (urlsplit(o).hostname for o in origins) if h]
+
+
+def _no_proxy(current: Mapping[str, str], hosts: list[str]) -> str | None:
+    """The merged no-proxy list, or None when every host is already in it."""
+    existing = current.get("no_proxy") or current.get("NO_PROXY") or ""
+    entries = [e.strip() for e in existing.split(",") if e.strip()]
+    missing = [h for h in hosts if h not in entries]
+    if not missing and current.get("no_proxy") == current.get("NO_PROXY"):
+        return None
+    return ",".join(entries + missing)
+
+
+def apply(changes: Mapping[str, str | None], environ: MutableMapping[str, str]) -> None:
+    """Write `changes` into `environ` (os.environ in the service): the engine's only env writer.
+
+    azure-identity and MSAL read these variables on every token request, so they stay set for
+    the life of the process.
+    """
+    for key, value in changes.items():
+        if value is None:
+            if environ.pop(key, None) is not None:
+                log.info("identity: unset %s (msiEndpoint is configured)", key)
+        elif environ.get(key) != value:
+            environ[key] = value
+
+
+def credential(
+    identity: Identity, *, arc_port: int = ARC_PORT, backoff_scale: float = 1.0, **options: Any
+) -> SerializedCredential:
+    """The credential for the whole service: one per process, tokens cached by MSAL.
+
+    `options` go to ManagedIdentityCredential unchanged (tests pass retry settings); with none and
+    `backoff_scale` 1, azure-identity's own retry policy applies as it is.
+    """
+    apply(environment(identity, os.environ, arc_port=arc_port), os.environ)
+    if backoff_scale != 1.0:
+        options.setdefault("retry_backoff_factor", IMDS_BACKOFF_FACTOR * backoff_scale)
+        options.setdefault("retry_backoff_max", IMDS_BACKOFF_MAX * backoff_scale)
+    log.info("identity: %s", describe(identity, arc_port=arc_port))
+    inner = ManagedIdentityCredential(client_id=identity.msi_client_id, **options)
+    return SerializedCredential(inner)
+
+
+def describe(identity: Identity, *, arc_port: int = ARC_PORT) -> str:
+    """One line for the log: which identity, through which endpoint. No I/O."""
+    who = f"user-assigned {identity.msi_client_id}" if identity.msi_client_id else "system-assigned"
+    if not identity.msi_endpoint:
+        return f"{who} managed identity, azure-identity defaults"
+    target = endpoint(identity.msi_endpoint, arc_port=arc_port)
+    flow = "Azure Arc" if target.kind == "arc" else "IMDS"
+    return f"{who} managed identity via {flow} at {target.origin}"
+
+
+class SerializedCredential:
+    """One token request at a time: concurrent first fetches wait for one IMDS call, then hit
+    MSAL's cache, instead of all calling IMDS at once."""
+
+    def __init__(self, inner: ManagedIdentityCredential) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """Delegate to azure-identity, serialized."""
+        with self._lock:
+            token: AccessToken = self._inner.get_token(
+                *scopes, claims=claims, tenant_id=tenant_id, enable_cae=enable_cae, **kwargs
+            )
+        return token
+
+    def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        """Delegate to azure-identity, serialized."""
+        with self._lock:
+            info: AccessTokenInfo = self._inner.get_token_info(*scopes, options=options)
+        return info
+
+    def close(self) -> None:
+        """Close the identity transport."""
+        self._inner.close()
+
+    def __enter__(self) -> SerializedCredential:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,249 @@
+"""Key Vault access: one SecretClient per vault, reused across cycles; SDK errors become FetchError.
+
+No token and no secret value ever reaches a message; the hints say what the admin can do.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    DecodeError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.identity import CredentialUnavailableError
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient
+
+from .errors import FetchError
+from .model import ObservedCertificate
+
+log = logging.getLogger("akvvm.keyvault")
+
+# The service backs off itself (backoff.py, with Retry-After), so the SDK must not sleep on
+# 429/5xx. It retries once, at once, only a broken connection (a pooled keep-alive connection
+# the server dropped during a long polling interval is the common case).
+SDK_RETRY = {"retry_total": 1, "retry_status": 0, "retry_connect": 1, "retry_read": 1}
+CONNECTION_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+
+ROLE_HINT = (
+    "The VM's managed identity needs the 'Key Vault Secrets User' role on vault {vault} "
+    "(or a 'get' secret access policy); RBAC assignments can take minutes to propagate."
+)
+IDENTITY_HINT = (
+    "Check that a managed identity is assigned to the VM; with user-assigned identities set "
+    "authenticationSettings.msiClientId to the client id of the one to use."
+)
+MAX_DETAIL = 300
+_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One secret version as Key Vault returned it. `value` is never part of repr()."""
+
+    value: str = field(repr=False)
+    content_type: str | None
+    version: str
+    id: str
+    enabled: bool | None = None
+    managed: bool = False
+    created: datetime | None = None
+    updated: datetime | None = None
+
+
+@dataclass
+class _Client:
+    """A SecretClient and whether a request has gone through it yet (see `Vaults._get`)."""
+
+    client: SecretClient
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    warm: bool = False
+
+
+class Vaults:
+    """The SecretClients of one service, created lazily per vault URL and reused."""
+
+    def __init__(self, credential: TokenCredential, **client_options: Any) -> None:
+        """`client_options` go to every SecretClient (e.g. `connection_verify`, `transport`)."""
+        self._credential = credential
+        self._options: dict[str, Any] = {
+            **SDK_RETRY,
+            "connection_timeout": CONNECTION_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            **client_options,
+        }
+        self._clients: dict[tuple[str, bool], _Client] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, cert: ObservedCertificate) -> Secret:
+        """Get the latest (or the pinned) version of `cert`'s secret; raise FetchError."""
+        try:
+            found = self._get(cert)
+        except Exception as exc:  # noqa: BLE001 -- every SDK failure becomes one FetchError
+            raise translate(exc, cert) from None
+        return _secret(found, cert)
+
+    def close(self) -> None:
+        """Close every client's connections."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for entry in clients:
+            entry.client.close()
+
+    def _client(self, cert: ObservedCertificate) -> _Client:
+        key = (cert.vault_url, cert.relaxed_challenge)
+        with self._lock:
+            if key not in self._clients:
+                client = SecretClient(
+                    cert.vault_url,
+                    self._credential,
+                    verify_challenge_resource=not cert.relaxed_challenge,
+                    **self._options,
+                )
+                self._clients[key] = _Client(client)
+            return self._clients[key]
+
+    def _get(self, cert: ObservedCertificate) -> KeyVaultSecret:
+        entry = self._client(cert)
+        if not entry.warm:
+            # The first request to a vault carries the 401 challenge; let one thread do it so
+            # that parallel workers don't each send an unauthenticated request.
+            with entry.lock:
+                try:
+                    return entry.client.get_secret(cert.secret_name, cert.version)
+                finally:
+                    entry.warm = True
+        return entry.client.get_secret(cert.secret_name, cert.version)
+
+
+def _secret(found: KeyVaultSecret, cert: ObservedCertificate) -> Secret:
+    props = found.properties
+    if found.value is None or not props.version:
+        raise FetchError(f"Key Vault returned no value for {cert.url}", status=200, retryable=True)
+    return Secret(
+        value=found.value,
+        content_type=props.content_type,
+        version=props.version,
+        id=props.id or cert.url,
+        enabled=props.enabled,
+        managed=bool(props.managed),
+        created=props.created_on,
+        updated=props.updated_on,
+    )
+
+
+def translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
+    """Turn an SDK/identity/transport failure into a FetchError with a hint. No I/O."""
+    if isinstance(exc, FetchError):
+        return exc
+    if isinstance(exc, CredentialUnavailableError) or (
+        isinstance(exc, ClientAuthenticationError) and exc.status_code is None
+    ):
+        return _identity_error(exc)
+    if isinstance(exc, DecodeError):
+        return FetchError(f"Key Vault sent a malformed response for {cert.url}", retryable=True)
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        return _http_error(exc, cert)
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        return FetchError(
+            f"cannot reach vault {cert.vault_name} ({type(exc).__name__}: {_detail(exc)})",
+            "The request will be retried; check DNS, firewall and HTTPS_PROXY/NO_PROXY.",
+            retryable=True,
+        )
+    if isinstance(exc, ValueError):  # the challenge names a resource that is not this vault
+        return FetchError(
+            f"vault {cert.vault_name} sent an authentication challenge that does not match "
+            f"its host: {_detail(exc)}",
+            "Check the vault URL; hosts outside the Azure Key Vault DNS suffixes must be listed "
+            "in additionalVaultDnsSuffixes.",
+        )
+    retryable = isinstance(exc, AzureError)
+    return FetchError(f"fetching {cert.url} failed: {type(exc).__name__}: {_detail(exc)}",
+                      retryable=retryable)
+
+
+def _identity_error(exc: BaseException) -> FetchError:
+    detail = _detail(exc)
+    hint = IDENTITY_HINT
+    if "not found" in detail.lower() or "no identity" in detail.lower():
+        hint = "The identity was not found. " + hint
+    return FetchError(f"no token from the managed identity endpoint: {detail}", hint,
+                      retryable=True)
+
+
+def _http_error(exc: HttpResponseError, cert: ObservedCertificate) -> FetchError:
+    status = int(exc.status_code or 0)
+    code, message = _service_error(exc)
+    said = f"Key Vault answered {status}" + (f" {code}" if code else "") + f" for {cert.url}"
+    said += f": {message}" if message else ""
+    if status == 401:
+        hint = "The token was rejected. " + IDENTITY_HINT
+        return FetchError(said, hint, status=status, retryable=True)
+    if status == 403:
+        hint = ROLE_HINT.format(vault=cert.vault_name)
+        if "disabled" in message.lower():
+            hint = "This secret version is disabled in Key Vault; enable it or pin another one."
+        return FetchError(said, hint, status=status, retryable=True)
+    if status == 404:
+        return FetchError(said, _not_found_hint(cert), status=status, retryable=True)
+    retry_after = _retry_after(exc)
+    retryable = status in (408, 429) or status >= 500
+    hint = "Key Vault is throttling this identity; retrying later." if status == 429 else ""
+    return FetchError(said, hint, status=status, retryable=retryable, retry_after=retry_after)
+
+
+def _not_found_hint(cert: ObservedCertificate) -> str:
+    if cert.version:
+        return (f"Version {cert.version} of secret {cert.secret_name} does not exist in vault "
+                f"{cert.vault_name}; check the pinned version in the URL.")
+    return (f"Secret {cert.secret_name} does not exist in vault {cert.vault_name}; check the "
+            "name (use the certificate's name with /secrets/, not /certificates/).")
+
+
+def _service_error(exc: HttpResponseError) -> tuple[str, str]:
+    """Key Vault's own error code and message, if the body had them."""
+    error = getattr(exc, "error", None)
+    code = str(getattr(error, "code", "") or "")
+    message = str(getattr(error, "message", "") or "")
+    return _clean(code)[:60], _clean(message)
+
+
+def _retry_after(exc: HttpResponseError) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP-date), if there was one."""
+    headers = getattr(exc.response, "headers", None) or {}
+    raw = headers.get("Retry-After")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _detail(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    return _clean(str(message)) or type(exc).__name__
+
+
+def _clean(text: str) -> str:
+    """One short line, with anything shaped like a token removed."""
+    one_line = " ".join(_JWT.sub("<redacted>", text).split())
+    return one_line[:MAX_DETAIL] + ("…" if len(one_line) > MAX_DETAIL else "")
