@@ -1,4 +1,4 @@
-"""store: versioned files behind a relative link, written atomically, never through planted links."""
+"""store: versioned files behind a relative link, written atomically, never via planted links."""
 from __future__ import annotations
 
 import contextlib
@@ -109,7 +109,7 @@ def test_rotation_moves_the_link_and_keeps_the_old_version(tmp_path: Path) -> No
 def test_differing_existing_version_file_is_replaced_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A version file without the chain (older extension) is replaced atomically, with a log line."""
+    """A version file without the chain (older extension) is replaced atomically and logged."""
     store_dir = tmp_path / "store"
     store_dir.mkdir(mode=0o700)
     stale = store_dir / f"myvault.web.{V1}"
@@ -121,7 +121,8 @@ def test_differing_existing_version_file_is_replaced_and_logged(
     assert change == store.Change(replaced=True, moved_link=True)
     assert stale.read_bytes() == PEM1 and stale.stat().st_ino != inode
     assert stat.S_IMODE(stale.stat().st_mode) == 0o600
-    assert any(r.levelno == logging.WARNING and "replaced" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("replaced" in message for message in warnings)
 
 
 def test_same_size_differing_file_is_replaced(tmp_path: Path) -> None:
