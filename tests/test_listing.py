@@ -1,0 +1,309 @@
+"""Change detection by listing: what to fetch, what listing costs, and the real SDK paging."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+import urllib3
+from azure.core.credentials import AccessToken
+from azure.core.pipeline.transport import RequestsTransport
+from azure.keyvault.secrets import SecretClient
+
+from akvvm_ext import listing
+from akvvm_ext.listing import (
+    ChangeDetector,
+    Listing,
+    NotListed,
+    Seen,
+    Stamp,
+    VaultMemory,
+    list_vault,
+    plan,
+    strategy,
+)
+from akvvm_ext.model import ObservedCertificate
+
+VAULT = "https://fleet.vault.azure.net"
+NOW = 1_800_000_000.0
+OLD = int(NOW) - 7200  # a version made two hours ago
+
+
+def cert(name: str, version: str | None = None) -> ObservedCertificate:
+    """An observed certificate of the test vault."""
+    url = f"{VAULT}/secrets/{name}" + (f"/{version}" if version else "")
+    return ObservedCertificate(url, VAULT, "fleet", name, version, "/tmp/store", f"fleet.{name}")
+
+
+def memory_with(*names: str, at: float = NOW - 3600, stamp: Stamp | None = None) -> VaultMemory:
+    """A vault memory whose baselines for `names` were taken at `at`."""
+    base = stamp or Stamp(OLD, OLD)
+    return VaultMemory(seen={name: Seen(base, at) for name in names})
+
+
+def everything_installed(_: ObservedCertificate) -> bool:
+    """Every certificate has a file behind its link."""
+    return True
+
+
+def test_pages_needed_counts_25_secrets_per_page() -> None:
+    """A vault of 500 secrets lists in 20 pages at best, an empty one in 1."""
+    assert [listing.pages_needed(n) for n in (0, 25, 26, 500)] == [1, 1, 2, 20]
+
+
+def test_strategy_lists_only_when_cheaper_than_one_get_per_certificate() -> None:
+    """Listing is used only if its pages cost fewer requests than the GETs it replaces."""
+    assert strategy(VaultMemory(), candidates=1, now=NOW) == 0
+    assert strategy(VaultMemory(), candidates=10, now=NOW) == 9
+    assert strategy(VaultMemory(pages=4), candidates=10, now=NOW) == 9
+    assert strategy(VaultMemory(pages=10), candidates=10, now=NOW) == 0
+    assert strategy(VaultMemory(list_after=NOW + 1), candidates=10, now=NOW) == 0
+
+
+def test_unchanged_listing_means_no_fetch() -> None:
+    """A secret whose listing stamp equals the baseline is not fetched again."""
+    certs = [cert("a"), cert("b")]
+    seen = Listing({"a": Stamp(OLD, OLD), "b": Stamp(OLD, OLD)}, pages=1)
+    assert plan(certs, memory_with("a", "b"), seen, everything_installed, NOW) == ()
+
+
+def test_new_version_or_changed_attributes_are_fetched() -> None:
+    """A newer `updated`, another content type or a disabled version each trigger a fetch."""
+    certs = [cert("new"), cert("type"), cert("off"), cert("same")]
+    stamps = {
+        "new": Stamp(OLD + 60, OLD + 60),
+        "type": Stamp(OLD, OLD, content_type="application/x-pem-file"),
+        "off": Stamp(OLD, OLD, enabled=False),
+        "same": Stamp(OLD, OLD),
+    }
+    memory = memory_with("new", "type", "off", "same")
+    fetched = plan(certs, memory, Listing(stamps, 1), everything_installed, NOW)
+    assert [c.secret_name for c in fetched] == ["new", "type", "off"]
+
+
+def test_missing_baseline_missing_item_or_missing_file_is_fetched() -> None:
+    """No baseline, a secret absent from the listing, or nothing installed: fetch."""
+    certs = [cert("unknown"), cert("gone"), cert("nofile")]
+    stamps = {"unknown": Stamp(OLD, OLD), "nofile": Stamp(OLD, OLD)}
+    memory = memory_with("gone", "nofile")
+    fetched = plan(certs, memory, Listing(stamps, 1), lambda c: c.secret_name != "nofile", NOW)
+    assert [c.secret_name for c in fetched] == ["unknown", "gone", "nofile"]
+
+
+def test_pinned_versions_are_fetched_only_until_installed() -> None:
+    """A pinned version never changes: once installed it costs no request at all."""
+    pinned = cert("pinned", "0123abcd")
+    unlisted = NotListed("forbidden")
+    assert plan([pinned], VaultMemory(), unlisted, everything_installed, NOW) == ()
+    assert plan([pinned], VaultMemory(), unlisted, lambda _: False, NOW) == (pinned,)
+
+
+def test_without_a_listing_every_latest_certificate_is_fetched() -> None:
+    """Listing forbidden, failed or not worth it: one GET per latest-version certificate."""
+    certs = [cert("a"), cert("b")]
+    for reason in ("forbidden", "failed", "costly", "skipped"):
+        got = plan(certs, memory_with("a", "b"), NotListed(reason), everything_installed, NOW)
+        assert got == tuple(certs)
+
+
+def test_same_second_versions_are_not_trusted() -> None:
+    """A baseline taken within the settle window of its own timestamp is re-fetched.
+
+    Key Vault's timestamps have one-second resolution: a second version made in the same second
+    as the one we fetched would list with an identical stamp.
+    """
+    fresh = Stamp(int(NOW) - 10, int(NOW) - 10)
+    memory = memory_with("a", at=NOW - 5, stamp=fresh)
+    got = plan([cert("a")], memory, Listing({"a": fresh}, 1), everything_installed, NOW)
+    assert got == (cert("a"),)
+
+
+def test_every_certificate_is_fetched_at_least_daily() -> None:
+    """However quiet the listing, a baseline older than a day is refreshed by a GET."""
+    memory = memory_with("a", at=NOW - listing.REFRESH_S)
+    got = plan([cert("a")], memory, Listing({"a": Stamp(OLD, OLD)}, 1), everything_installed, NOW)
+    assert got == (cert("a"),)
+
+
+def test_forbidden_or_costly_listing_pauses_listing_for_a_day() -> None:
+    """After a 403 or a listing that cost too much, the vault is not listed again for a day."""
+    for reason, pause in (("forbidden", listing.REFRESH_S), ("costly", listing.REFRESH_S),
+                          ("failed", listing.FAILED_PAUSE_S)):
+        after = listing.after_listing(VaultMemory(), NotListed(reason, 1), NOW)
+        assert after.list_after == NOW + pause
+        assert strategy(after, candidates=100, now=NOW + pause - 1) == 0
+
+
+# --- the real SDK against a Key Vault fake that answers like the recordings ----------------------
+
+
+@dataclass
+class FakeVault(requests.adapters.BaseAdapter):
+    """Answers `GET /secrets` as Key Vault does: challenge first, 25 items a page, absolute
+    nextLink, sometimes an empty page; `status` forces an error answer."""
+
+    items: list[dict[str, object]]
+    empty_page_after: int | None = None
+    status: int = 200
+    requests_seen: int = 0
+
+    def send(self, request: requests.PreparedRequest, **_: object) -> requests.Response:
+        """One HTTP exchange."""
+        self.requests_seen += 1
+        if "Authorization" not in request.headers:
+            return self._answer(401, {"error": {"code": "Unauthorized"}}, {
+                "WWW-Authenticate": 'Bearer authorization="https://login.windows.net/t", '
+                                    'resource="https://vault.azure.net"'})
+        if self.status != 200:
+            return self._answer(self.status, {"error": {"code": "Forbidden", "message": "no"}})
+        query = parse_qs(urlsplit(str(request.url)).query)
+        start = int(query.get("$skiptoken", ["0"])[0])
+        size = int(query.get("maxresults", ["25"])[0])
+        if self.empty_page_after is not None and start == self.empty_page_after:
+            self.empty_page_after = None
+            return self._page([], start)
+        return self._page(self.items[start:start + size], start + size)
+
+    def _page(self, value: list[dict[str, object]], next_start: int) -> requests.Response:
+        more = next_start < len(self.items)
+        link = f"{VAULT}:443/secrets?api-version=7.5&$skiptoken={next_start}&maxresults=25"
+        return self._answer(200, {"value": value, "nextLink": link if more else None})
+
+    def _answer(self, status: int, body: object, headers: dict[str, str] | None = None,
+                ) -> requests.Response:
+        content = json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json; charset=utf-8",
+                       "Content-Length": str(len(content)), **(headers or {})}
+        response = requests.Response()
+        response.status_code = status
+        response.headers.update(all_headers)
+        response.raw = urllib3.HTTPResponse(io.BytesIO(content), headers=all_headers,
+                                            status=status, preload_content=False)
+        return response
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class StaticToken:
+    """A credential that always has a valid token."""
+
+    def get_token(self, *scopes: str, **_: object) -> AccessToken:
+        """The same token every time."""
+        return AccessToken("token", int(time.time()) + 3600)
+
+
+def item(name: str, created: int, managed: bool = True) -> dict[str, object]:
+    """A list item shaped like the recorded ones: versionless id, contentType, managed."""
+    return {"id": f"{VAULT}/secrets/{name}", "contentType": "application/x-pkcs12",
+            "managed": managed, "attributes": {"enabled": True, "nbf": created - 600,
+            "exp": created + 31_536_000, "created": created, "updated": created,
+            "recoveryLevel": "Recoverable+Purgeable"}}
+
+
+def client_of(vault: FakeVault) -> SecretClient:
+    """A real SecretClient whose requests go to `vault`."""
+    session = requests.Session()
+    session.mount("https://", vault)
+    return SecretClient(VAULT, StaticToken(), transport=RequestsTransport(session=session),
+                        retry_total=0)
+
+
+def test_list_vault_follows_next_links_and_counts_empty_pages() -> None:
+    """60 secrets list in 3 pages plus the empty page Key Vault may interleave."""
+    vault = FakeVault([item(f"s{i:02}", OLD + i) for i in range(60)], empty_page_after=25)
+    got = list_vault(client_of(vault), max_pages=10)
+    assert isinstance(got, Listing)
+    assert got.pages == 4
+    assert len(got.stamps) == 60
+    assert got.stamps["s07"] == Stamp(OLD + 7, OLD + 7, True, "application/x-pkcs12")
+
+
+def test_list_vault_reports_forbidden_on_403() -> None:
+    """An identity without list permission gets NotListed('forbidden'), no exception."""
+    got = list_vault(client_of(FakeVault([], status=403)), max_pages=5)
+    assert got == NotListed("forbidden", 1)
+
+
+def test_list_vault_gives_up_when_the_page_budget_is_spent() -> None:
+    """A vault too big to be worth listing costs at most `max_pages` pages."""
+    vault = FakeVault([item(f"s{i:03}", OLD) for i in range(200)])
+    got = list_vault(client_of(vault), max_pages=3)
+    assert got == NotListed("costly", 3)
+
+
+@dataclass(frozen=True)
+class Version:
+    """What keyvault.Secret says about a fetched version."""
+
+    created: datetime | None
+    updated: datetime | None
+    enabled: bool | None = True
+    content_type: str | None = "application/x-pkcs12"
+
+
+def at(epoch: int) -> datetime:
+    """An aware datetime for an epoch second."""
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def run_cycle(detector: ChangeDetector, vault: FakeVault, certs: list[ObservedCertificate],
+              now: float, installed: Callable[[ObservedCertificate], bool] = everything_installed,
+              ) -> listing.Selection:
+    """One sync cycle as sync.py runs it: select, then record each fetch."""
+    client = client_of(vault)
+    chosen = detector.select(certs, lambda _: client, installed, now)
+    stamps = {str(i["id"]).rsplit("/", 1)[1]: i["attributes"] for i in vault.items}
+    for c in chosen.fetch:
+        attrs = stamps[c.secret_name]
+        assert isinstance(attrs, dict)
+        detector.fetched(c, Version(at(attrs["created"]), at(attrs["updated"])), now)
+    return chosen
+
+
+def test_detector_lists_a_busy_vault_and_fetches_only_the_rotated_secret() -> None:
+    """60 certificates: first cycle 60 GETs, then 3 pages a cycle, plus one GET per rotation."""
+    vault = FakeVault([item(f"s{i:02}", OLD) for i in range(60)])
+    certs = [cert(f"s{i:02}") for i in range(60)]
+    detector = ChangeDetector()
+    first = run_cycle(detector, vault, certs, NOW)
+    assert (len(first.fetch), first.list_requests) == (60, 0)
+    quiet = run_cycle(detector, vault, certs, NOW + 3600)
+    assert (len(quiet.fetch), len(quiet.unchanged), quiet.list_requests) == (0, 60, 3)
+    vault.items[42] = item("s42", int(NOW) + 3700)
+    rotated = run_cycle(detector, vault, certs, NOW + 7200)
+    assert [c.secret_name for c in rotated.fetch] == ["s42"]
+    assert rotated.list_requests == 3
+
+
+def test_detector_falls_back_to_gets_when_listing_is_forbidden() -> None:
+    """A 403 on listing costs one request once; then one GET per certificate, no more listing."""
+    vault = FakeVault([item(f"s{i}", OLD) for i in range(5)])
+    certs = [cert(f"s{i}") for i in range(5)]
+    detector = ChangeDetector()
+    run_cycle(detector, vault, certs, NOW)
+    vault.status = 403
+    denied = run_cycle(detector, vault, certs, NOW + 3600)
+    assert (len(denied.fetch), denied.list_requests) == (5, 1)
+    later = run_cycle(detector, vault, certs, NOW + 7200)
+    assert (len(later.fetch), later.list_requests) == (5, 0)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_detector_never_lists_for_one_or_two_certificates(count: int) -> None:
+    """A 30-secret vault needs 2 pages: never worth it for 1 or 2 certificates (one probe at most,
+    cut off after its first page, then no listing for a day)."""
+    vault = FakeVault([item(f"s{i:02}", OLD) for i in range(30)])
+    certs = [cert(f"s{i:02}") for i in range(count)]
+    detector = ChangeDetector()
+    run_cycle(detector, vault, certs, NOW)
+    second = run_cycle(detector, vault, certs, NOW + 3600)
+    assert second.list_requests <= max(0, count - 1)
+    third = run_cycle(detector, vault, certs, NOW + 7200)
+    assert third.list_requests == 0 and len(third.fetch) == count
