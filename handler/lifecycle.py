@@ -1,0 +1,260 @@
+"""The five lifecycle commands the agent runs, as a table of small operations on a `Context`.
+
+Each returns a one-line summary for the log or raises; `handler.main` alone turns errors into
+error statuses and exit codes.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from akvvm_ext.errors import AkvvmError
+from akvvm_ext.settings import parse
+from handler import environment, settings_file, status
+from handler.environment import EXTENSION_NAME, Environment
+from handler.supervisor import ServiceSpec, Supervisor, spec_for, write_atomic
+
+log = logging.getLogger(__name__)
+
+MIN_PYTHON = (3, 10)
+REQUIRED_MODULES = ("cryptography", "jsonschema", "azure.identity", "azure.keyvault.secrets",
+                    "tenacity", "fluent")
+STARTING = "Starting Key Vault extension service"
+LOCK_TIMEOUT_S = 120.0
+UPDATE_MARKER = "updating.json"
+UPDATING_FROM = "AZURE_GUEST_AGENT_UPDATING_FROM_VERSION"
+Action = Literal["unchanged", "reload", "restart"]
+
+
+class LifecycleError(AkvvmError):
+    """A lifecycle command failed; `exit_code` is what the agent sees."""
+
+    code = "LIFECYCLE"
+    exit_code = 1
+
+
+class UnsupportedOS(LifecycleError):
+    code = "UNSUPPORTED_OS"
+    exit_code = 51
+
+
+class MissingDependency(LifecycleError):
+    code = "MISSING_DEPENDENCY"
+    exit_code = 52
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything one command needs, built once by `handler.main`."""
+
+    env: Environment
+    seq: int
+    environ: Mapping[str, str]
+    supervisor: Supervisor
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+
+    @property
+    def spec(self) -> ServiceSpec:
+        return spec_for(self.env.extension_dir, self.env.state_dir, self.env.log_dir,
+                        self.environ)
+
+
+# --- install -------------------------------------------------------------------------------
+
+
+def install(ctx: Context) -> str:
+    """Check prerequisites (Linux, python3 >= 3.10, openssl, the vendored modules)."""
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedOS(f"unsupported operating system {sys.platform!r}",
+                            "KeyVaultForLinux runs on Linux only.")
+    if sys.version_info < MIN_PYTHON:
+        raise MissingDependency(f"python {sys.version.split()[0]} is too old",
+                                "Install python3 3.10 or newer.")
+    if shutil.which("openssl") is None:
+        raise MissingDependency("openssl not found on PATH",
+                                "Install the openssl package (apt-get/tdnf install openssl).")
+    missing = [name for name in REQUIRED_MODULES if not _importable(name)]
+    if missing:
+        raise MissingDependency(f"python modules missing: {', '.join(missing)}",
+                                "The extension package is incomplete for this python; "
+                                "reinstall the extension or install the modules.")
+    environment.ensure_state_dir(ctx.env)
+    return f"install: prerequisites present (python {sys.version.split()[0]})"
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --- enable --------------------------------------------------------------------------------
+
+
+def enable(ctx: Context) -> str:
+    """Validate the settings, then make the service run them; cheap when nothing changed."""
+    if not os.path.exists(os.path.join(ctx.env.status_dir, f"{ctx.seq}.status")):
+        report_starting(ctx)
+    raw = settings_file.read(ctx.env.config_dir, ctx.seq, ctx.env.lib_dir)
+    settings = parse(raw)  # SettingsError: the running service keeps its last good config
+    for note in settings.notes:
+        log.info("Settings: %s", note)
+    environment.ensure_state_dir(ctx.env)
+    with lifecycle_lock(ctx.env.state_dir):
+        _remove(os.path.join(ctx.env.state_dir, UPDATE_MARKER))
+        action = _apply(ctx, config_document(ctx, raw))
+    write_atomic(os.path.join(ctx.env.state_dir, "last_seq"), f"{ctx.seq}\n".encode(), 0o600)
+    return (f"enable seq {ctx.seq}: {len(settings.observed)} observed certificate(s), "
+            f"{ctx.supervisor.kind} service {action}")
+
+
+def report_starting(ctx: Context) -> None:
+    """A transitioning status: the agent never finds the file missing while the service starts."""
+    os.makedirs(ctx.env.status_dir, exist_ok=True)
+    status.write(ctx.env.status_dir, ctx.seq,
+                 status.document("Enable", "transitioning", STARTING, now=ctx.clock()))
+
+
+def config_document(ctx: Context, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The service's effective config (DESIGN: config.json)."""
+    return {"settings": dict(raw), "seq": ctx.seq, "statusFolder": ctx.env.status_dir,
+            "logFolder": ctx.env.log_dir, "extensionPath": ctx.env.extension_dir,
+            "handlerVersion": ctx.env.version}
+
+
+def decide(old: Mapping[str, Any] | None, new: Mapping[str, Any], redefined: bool,
+           running: bool) -> Action:
+    """Restart when what the service does changed; reload when only where it reports changed."""
+    if old is None or redefined or not running or _material(old) != _material(new):
+        return "restart"
+    return "unchanged" if dict(old) == dict(new) else "reload"
+
+
+def _material(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("seq", "statusFolder")}
+
+
+def _apply(ctx: Context, new: dict[str, Any]) -> Action:
+    spec = ctx.spec
+    old = _load_json(spec.config_path)
+    redefined = ctx.supervisor.install(spec)
+    action = decide(old, new, redefined, ctx.supervisor.is_running(spec))
+    if action == "unchanged":
+        return action
+    report_starting(ctx)
+    data = json.dumps(new, indent=1, sort_keys=True).encode()
+    write_atomic(spec.config_path, data, 0o600)
+    if action == "reload":
+        ctx.supervisor.reload(spec)
+    else:
+        ctx.supervisor.restart(spec)
+    log.info("Service %s (seq %d, extension %s)", action, ctx.seq, ctx.env.extension_dir)
+    return action
+
+
+# --- disable, update, uninstall ------------------------------------------------------------
+
+
+def disable(ctx: Context) -> str:
+    """Stop the service; best effort (a failing disable would block the extension's removal)."""
+    if not os.path.isdir(ctx.env.state_dir):
+        ctx.supervisor.stop(ctx.spec)
+        return "disable: no state, nothing to stop"
+    with lifecycle_lock(ctx.env.state_dir):
+        ctx.supervisor.stop(ctx.spec)
+    return "disable: service stopped"
+
+
+def update(ctx: Context) -> str:
+    """Runs in the new version before the old one's uninstall: leave it a note that we take over."""
+    previous = ctx.environ.get(UPDATING_FROM, "unknown")
+    target = ctx.environ.get("VERSION") or ctx.env.version
+    environment.ensure_state_dir(ctx.env)
+    marker = json.dumps({"from": previous, "to": target}).encode()
+    write_atomic(os.path.join(ctx.env.state_dir, UPDATE_MARKER), marker, 0o600)
+    return (f"update from {previous} to {target}: the state dir is version-less, "
+            "nothing to migrate")
+
+
+def uninstall(ctx: Context) -> str:
+    """Remove the service and state, unless another version is taking over (upgrade/downgrade)."""
+    successor = _successor(ctx.env)
+    if successor:
+        return f"uninstall {ctx.env.version}: {successor} takes over, service and state kept"
+    if os.path.isdir(ctx.env.state_dir):
+        with lifecycle_lock(ctx.env.state_dir):
+            ctx.supervisor.remove(ctx.spec)
+        shutil.rmtree(ctx.env.state_dir, ignore_errors=True)
+    else:
+        ctx.supervisor.remove(ctx.spec)
+    return "uninstall: service removed; installed certificates are kept"
+
+
+def _successor(env: Environment) -> str | None:
+    """A newer version dir beside ours, or the version an update just announced."""
+    newer = environment.newer_versions(env)
+    if newer:
+        return os.path.basename(newer[-1])
+    marker = _load_json(os.path.join(env.state_dir, UPDATE_MARKER)) or {}
+    target = marker.get("to")
+    if isinstance(target, str) and target != env.version:
+        path = os.path.join(env.lib_dir, f"{EXTENSION_NAME}-{target}")
+        if os.path.isdir(path):
+            return os.path.basename(path)
+    return None
+
+
+# --- shared pieces -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lifecycle_lock(state_dir: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One lifecycle command at a time (the service's own lock guards against a second service)."""
+    path = os.path.join(state_dir, "lifecycle.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LifecycleError(f"another lifecycle command held {path} for "
+                                         f"{timeout:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+OPERATIONS: dict[str, Callable[[Context], str]] = {
+    "install": install, "enable": enable, "disable": disable, "update": update,
+    "uninstall": uninstall,
+}
