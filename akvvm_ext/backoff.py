@@ -53,11 +53,11 @@ def initial_delay(retry: int, rand: Rand, scale: float = 1.0,
     """Seconds to wait before initial-sync retry number `retry` (1-based).
 
     Jitter only shortens the nominal delay, so the 25 retries stay within the budget; a
-    server's Retry-After (capped) wins when it asks for longer.
+    server's Retry-After (capped) wins when it asks for longer. Past the schedule, its last.
     """
-    if not 1 <= retry <= INITIAL_RETRIES:
-        raise ValueError(f"retry must be 1..{INITIAL_RETRIES}, not {retry}")
-    nominal = initial_schedule()[retry - 1] * (1 - JITTER_SHORTENS * rand())
+    if retry < 1:
+        raise ValueError(f"retry numbers start at 1, not {retry}")
+    nominal = initial_schedule()[min(retry, INITIAL_RETRIES) - 1] * (1 - JITTER_SHORTENS * rand())
     return max(nominal, capped_retry_after(retry_after)) * scale
 
 

@@ -18,7 +18,6 @@ import tenacity
 
 from akvvm_ext import backoff
 from akvvm_ext.model import CertResult, Outcome, Settings
-from akvvm_ext.sync import sync as sync_pass
 
 Phase = Literal["transitioning", "success", "error"]
 SyncPass = Callable[[Settings, Any, datetime], list[CertResult]]
@@ -36,6 +35,13 @@ class Reporter(Protocol):
         """Called after every pass; `message` is a short detail for the phase (may be empty)."""
 
 
+def _real_sync(settings: Settings, vaults: Any, now: datetime) -> list[CertResult]:
+    # imported late: the Key Vault SDK is heavy, and Phase/Reporter users need none of it
+    from akvvm_ext.sync import sync
+
+    return sync(settings, vaults, now)
+
+
 def failing(results: Sequence[CertResult]) -> list[CertResult]:
     """The results that failed."""
     return [r for r in results if r.outcome is Outcome.FAILED]
@@ -51,14 +57,14 @@ class Service:
 
     def __init__(self, load_settings: Callable[[], Settings],
                  make_vaults: Callable[[Settings], Any], reporter: Reporter, *,
-                 sync: SyncPass = sync_pass,
+                 sync: SyncPass | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  rand: Callable[[], float] = random.random, backoff_scale: float = 1.0,
                  spread_first_poll: bool = False) -> None:
         self._load_settings = load_settings
         self._make_vaults = make_vaults
         self._reporter = reporter
-        self._sync = sync
+        self._sync = sync or _real_sync
         self._clock = clock
         self._rand = rand
         self._scale = backoff_scale

@@ -36,11 +36,11 @@ def test_jittered_initial_retries_stay_within_budget() -> None:
             assert 0.8 * expected <= delay <= expected
 
 
-def test_initial_retry_number_is_checked() -> None:
-    """Asking for retry 0 or 26 is a bug, not a silent delay."""
-    for retry in (0, 26):
-        with pytest.raises(ValueError):
-            backoff.initial_delay(retry, lambda: 0.5)
+def test_initial_retry_numbers_start_at_one_and_end_at_the_cap() -> None:
+    """Retry 0 is a bug; retries past the schedule keep its last (capped) delay."""
+    with pytest.raises(ValueError):
+        backoff.initial_delay(0, lambda: 0.5)
+    assert backoff.initial_delay(40, lambda: 0.0) == backoff.INITIAL_CAP_S
 
 
 def test_initial_delay_honours_a_longer_retry_after() -> None:
