@@ -110,15 +110,20 @@ def choose(environ: Mapping[str, str], marker: str = SYSTEMD_MARKER, unit_dir: s
 # --- systemd -------------------------------------------------------------------------------
 
 
-def _quote(arg: str) -> str:
-    """One systemd command-line word: quoted, with `\\`, `"`, `%` and `$` escaped."""
-    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+def _word(arg: str) -> str:
+    """One word of a systemd command line: quoted; `\\`, `"`, `%` and `$` escaped."""
+    return _assignment(arg).replace("$", "$$")
+
+
+def _assignment(text: str) -> str:
+    """A quoted `Environment=` value: no `$` expansion there, only specifiers (`%`)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"{escaped}"'
 
 
 def unit_text(spec: ServiceSpec) -> str:
     """The unit file for `spec`; rewritten by every enable (ExecStart follows upgrades)."""
-    env_lines = "".join(f"Environment={_quote(f'{k}={v}')}\n" for k, v in spec.environment)
+    env_lines = "".join(f"Environment={_assignment(f'{k}={v}')}\n" for k, v in spec.environment)
     return (
         "# Written by the KeyVaultForLinux extension on every enable; local edits are lost.\n"
         "[Unit]\n"
@@ -127,7 +132,7 @@ def unit_text(spec: ServiceSpec) -> str:
         "After=network-online.target\n\n"
         "[Service]\n"
         "Type=simple\n"
-        f"ExecStart={' '.join(_quote(a) for a in spec.argv)}\n"
+        f"ExecStart={' '.join(_word(a) for a in spec.argv)}\n"
         "ExecReload=/bin/kill -HUP $MAINPID\n"
         f"{env_lines}"
         "Restart=on-failure\n"
