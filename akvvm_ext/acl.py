@@ -137,7 +137,11 @@ def _ancestors(store_dir: str) -> list[str]:
 def _ensure(path: str, principal: _Principal, bit: int) -> bool:
     """Add `bit` for the principal on `path` unless it has it already; True when added."""
     entries = _read(path)
-    if _allowed(entries, os.stat(path), principal, bit):
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise _acl_error(path, err) from None
+    if _allowed(entries, st, principal, bit):
         return False
     key = ("u" if principal.kind == "user" else "g", principal.id)
     entries[key] = entries.get(key, 0) | bit

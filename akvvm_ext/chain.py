@@ -92,6 +92,11 @@ def _parse(value: str, content_type: str | None) -> _Parsed:
             f"the secret's content type is {PKCS12} but its value is PEM text.",
             f"Set the secret's content type to {PEM}.",
         )
+    if declared == PEM and not looks_pem:
+        raise ContentError(
+            f"the secret's content type is {PEM} but its value is not PEM text.",
+            f"If the value is a base64 PFX, set the secret's content type to {PKCS12}.",
+        )
     return _parse_pfx(text) if declared == PKCS12 else _parse_pem(text)
 
 

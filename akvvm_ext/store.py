@@ -74,7 +74,9 @@ def installed(cert: ObservedCertificate) -> Installed | None:
         return None
     path = os.path.normpath(os.path.join(cert.store_dir, target))
     name, prefix = os.path.basename(path), cert.file_prefix + "."
-    if not name.startswith(prefix) or len(name) == len(prefix) or not os.path.isfile(path):
+    if os.path.dirname(path) != os.path.normpath(cert.store_dir) or not name.startswith(prefix):
+        return None
+    if len(name) == len(prefix) or not os.path.isfile(path):
         return None
     return Installed(version=name[len(prefix) :], path=path)
 
@@ -126,7 +128,7 @@ def _ensure_dir(store_dir: str) -> None:
     try:
         st = os.stat(store_dir)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(store_dir), mode=0o755, exist_ok=True)
+        _make_parents(os.path.dirname(store_dir))
         try:
             os.mkdir(store_dir, 0o700)
         except FileExistsError:  # created by someone else meanwhile: check it below
@@ -140,6 +142,20 @@ def _ensure_dir(store_dir: str) -> None:
             "Move that file away or set another certificateStoreLocation.",
         )
     return None
+
+
+def _make_parents(path: str) -> None:
+    """Create missing parents as 0755 whatever the umask, so that ACL'd users can traverse."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o755)  # noqa: S103 - parents stay traversable, as SPEC §5 says
 
 
 def _install_file(plan: StorePlan, token: Callable[[], str]) -> tuple[bool, bool]:

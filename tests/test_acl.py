@@ -165,3 +165,10 @@ def test_owner_and_root_need_no_entries(installed: Installed) -> None:
                      [AclGrant(user="root"), AclGrant(user="0")]) == []
     assert getfacl(installed.version_file) == ["user::rw-", "group::---", "other::---"]
     assert os.geteuid() == 0
+
+
+def test_missing_path_is_an_acl_error(installed: Installed) -> None:
+    """A version file that vanished gives an AclError, not a crash."""
+    with pytest.raises(AclError):
+        acl.grant([str(installed.store_dir / "gone")], str(installed.store_dir),
+                  [AclGrant(user="nobody")])

@@ -221,6 +221,7 @@ def _bad_values() -> dict[str, tuple[str, str | None, str]]:
         "damaged-pem-cert": ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                              PEM, "damaged"),
         "pem-declared-pfx": (cf.to_kv_pem(ec_chain), PKCS12, "content type"),
+        "pfx-declared-pem": (b64(cf.to_pfx(ec_chain)).decode(), PEM, "content type"),
         "pfx-with-password-legacy": (
             b64(cf.to_pfx(ec_chain, password=b"pw1")).decode(), PKCS12, "password"),
         "pfx-with-password-modern": (

@@ -82,6 +82,19 @@ def test_first_install_creates_private_store_file_and_relative_link(tmp_path: Pa
     assert sorted(p.name for p in store_dir.iterdir()) == ["myvault.web", version_file.name]
 
 
+def test_modes_hold_under_a_restrictive_umask(tmp_path: Path) -> None:
+    """With umask 077 the parents are still 0755 (traversable), the store 0700, the file 0600."""
+    old_umask = os.umask(0o077)
+    try:
+        install(observed(tmp_path / "a" / "b" / "store"), V1, PEM1)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "b" / "store").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a/b/store" / f"myvault.web.{V1}").stat().st_mode) == 0o600
+
+
 def test_unchanged_certificate_writes_nothing(tmp_path: Path) -> None:
     """Applying the same version again touches no file: same inodes, same mtimes."""
     cert = observed(tmp_path / "store")
@@ -146,6 +159,10 @@ def test_installed_is_none_without_link_or_when_dangling(tmp_path: Path) -> None
     (store_dir / "myvault.web").unlink()
     (store_dir / "myvault.web").symlink_to("elsewhere")
     assert store.installed(cert) is None
+    (tmp_path / f"myvault.web.{V1}").write_bytes(PEM1)
+    (store_dir / "myvault.web").unlink()
+    (store_dir / "myvault.web").symlink_to(tmp_path / f"myvault.web.{V1}")
+    assert store.installed(cert) is None  # our name, but outside the store
 
 
 def test_symlink_planted_at_the_version_path_is_not_followed(tmp_path: Path) -> None:
