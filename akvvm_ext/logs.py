@@ -190,13 +190,13 @@ def _file_or_stderr(log_dir: str | None, filename: str) -> logging.Handler:
     return handler
 
 
-def shutdown() -> None:
-    """Remove the handlers `setup` installed, flushing fluentd briefly and noting drops."""
+def shutdown(timeout: float = 2.0) -> None:
+    """Remove the handlers `setup` installed, flushing fluentd for at most `timeout` s."""
     root = logging.getLogger()
     fluent: Fluent | None = _state["fluent"]
     if fluent is not None:
         root.removeHandler(fluent.handler)
-        fluent.stop()
+        fluent.stop(timeout)
         if fluent.dropped:
             logging.getLogger("akvvm_ext.logging").warning(
                 "fluentd: %d log records dropped in total", fluent.dropped)

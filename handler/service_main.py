@@ -1,0 +1,281 @@
+"""Composition root of the service process: `akvvm service --config <state_dir>/config.json`.
+
+Holds the one-instance lock and the pidfile, wires logging, signals, the real identity and vault
+clients and a `StatusReporter` into `akvvm_ext.service.Service`. `--once` runs one pass and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from akvvm_ext import backoff, logs
+from akvvm_ext.errors import AkvvmError
+from akvvm_ext.model import CertResult, LoggingTarget, Settings
+from akvvm_ext.model import Outcome as CertOutcome
+from akvvm_ext.service import Service
+from akvvm_ext.settings import parse
+from handler import status
+
+log = logging.getLogger("akvvm.main")
+STOP_GRACE_S = 0.7  # SIGTERM to exit stays under a second even when a sync is in flight
+LOCK_NAME = "akvvm_service.lock"
+PID_NAME = "akvvm_service.pid"
+
+
+class ConfigError(AkvvmError):
+    """config.json is missing, unreadable or invalid; carries where to report, when known."""
+
+    code = "CONFIG"
+
+    def __init__(self, message: str, status_dir: str | None = None,
+                 seq: int | None = None) -> None:
+        super().__init__(message, "Run enable again (it rewrites config.json).")
+        self.status_dir, self.seq = status_dir, seq
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How `serve` ended: the exit code, and whether a sync pass was still running."""
+
+    code: int
+    in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The service's effective config, as enable wrote it (DESIGN: config.json)."""
+
+    settings: Settings
+    seq: int
+    status_dir: str
+    log_dir: str
+    extension_path: str
+    handler_version: str
+
+
+def read_config(path: str) -> Config:
+    """Parse config.json; raise ConfigError naming the problem (never echoing settings)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {path}: {type(err).__name__}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    seq, status_dir = raw.get("seq"), raw.get("statusFolder")
+    where = (status_dir if isinstance(status_dir, str) else None,
+             seq if isinstance(seq, int) and not isinstance(seq, bool) else None)
+    missing = [k for k in ("statusFolder", "logFolder", "extensionPath", "handlerVersion")
+               if not isinstance(raw.get(k), str)] + ([] if where[1] is not None else ["seq"])
+    if missing:
+        raise ConfigError(f"{path}: missing or invalid {', '.join(missing)}", *where)
+    try:
+        settings = parse(raw.get("settings"))
+    except AkvvmError as err:
+        raise ConfigError(f"invalid settings in {path}: {err}", *where) from None
+    return Config(settings, int(raw["seq"]), str(status_dir), str(raw["logFolder"]),
+                  str(raw["extensionPath"]), str(raw["handlerVersion"]))
+
+
+def _arguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="akvvm service", description=__doc__)
+    parser.add_argument("--config", required=True, help="<state dir>/config.json")
+    parser.add_argument("--once", action="store_true", help="one sync pass, print, exit 0/1")
+    args = list(argv)
+    return parser.parse_args(args[1:] if args[:1] == ["service"] else args)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the service (or one pass with --once); 0 on a clean stop, 1 on a bad config."""
+    args = _arguments(argv)
+    scale, scale_note = backoff.scale_from(os.environ)
+    try:
+        config = read_config(args.config)
+    except ConfigError as err:
+        return _config_failed(err)
+    if args.once:
+        logs.setup(None, "Service", None)
+        return once(config, scale)
+    logs.setup(config.log_dir, "Service", config.settings.logging)
+    if scale_note:
+        log.warning("%s", scale_note)
+    outcome = serve(args.config, config, scale)
+    logs.shutdown(timeout=0.2)
+    if outcome.in_flight:  # a sync's worker threads would hold the exit; the store is atomic
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(outcome.code)
+    return outcome.code
+
+
+def _config_failed(err: ConfigError) -> int:
+    print(f"akvvm service: {err}", file=sys.stderr)
+    if err.status_dir is not None and err.seq is not None:
+        try:
+            status.write_error(err.status_dir, err.seq, status.OPERATION, str(err))
+        except OSError as write_err:
+            print(f"akvvm service: cannot write status: {write_err}", file=sys.stderr)
+    return 1
+
+
+def make_vaults(settings: Settings, scale: float) -> Any:
+    """The real clients: one managed-identity credential and the vault clients on it."""
+    from akvvm_ext.identity import credential
+
+    return _Clients(credential(settings.identity, backoff_scale=scale))
+
+
+class _Clients:
+    """Vaults plus the credential they use, closed together when the identity changes."""
+
+    def __init__(self, cred: Any) -> None:
+        from akvvm_ext.keyvault import Vaults
+
+        self.credential, self.vaults = cred, Vaults(cred)
+        self.fetch = self.vaults.fetch
+
+    def close(self) -> None:
+        self.vaults.close()
+        self.credential.close()
+
+
+def once(config: Config, scale: float) -> int:
+    """One sync pass, a summary line per certificate on stdout; 1 when any failed."""
+    from akvvm_ext.sync import sync
+
+    clients = make_vaults(config.settings, scale)
+    try:
+        results = sync(config.settings, clients, datetime.now(timezone.utc))
+    finally:
+        clients.close()
+    for result in results:
+        print(summary(result))
+    return 1 if any(r.outcome is CertOutcome.FAILED for r in results) else 0
+
+
+def summary(result: CertResult) -> str:
+    """One line: outcome, URL, what is served and, on failure, why."""
+    line = f"{result.outcome.value:9} {result.url}"
+    if result.version:
+        line += f" version {result.version} -> {result.link}"
+    return f"{line} error: {result.error}" if result.error else line
+
+
+@contextmanager
+def single_instance(state_dir: str) -> Iterator[bool]:
+    """Hold `<state_dir>/akvvm_service.lock`; yields False when another instance holds it."""
+    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def serve(config_path: str, config: Config, scale: float) -> Outcome:
+    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads config.json (settings and seq)."""
+    state_dir = os.path.dirname(os.path.abspath(config_path))
+    with single_instance(state_dir) as first:
+        if not first:
+            log.info("another service instance is already running; exiting")
+            return Outcome(0)
+        pidfile = os.path.join(state_dir, PID_NAME)
+        _write_pid(pidfile)
+        try:
+            return _run(config_path, config, scale)
+        finally:
+            _remove_pid(pidfile)
+
+
+def _run(config_path: str, config: Config, scale: float) -> Outcome:
+    reporter = status.StatusReporter(config.status_dir, config.seq)
+    loader = _Loader(config_path, config, reporter)
+    service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
+                      backoff_scale=scale)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=_guard(service, stop, failure), name="service", daemon=True)
+    log.info("service started (pid %d, seq %d, %d observed certificate(s))", os.getpid(),
+             config.seq, len(config.settings.observed))
+    thread.start()
+    while thread.is_alive() and not stop.wait(1.0):
+        pass
+    thread.join(STOP_GRACE_S)
+    log.info("service stopped%s", "" if not thread.is_alive() else " (a sync was in flight)")
+    return Outcome(1 if failure else 0, thread.is_alive())
+
+
+def _guard(service: Service, stop: threading.Event,
+           failure: list[BaseException]) -> Any:
+    def run() -> None:
+        try:
+            service.run(stop)
+        except BaseException as err:  # reported, then the process exits 1
+            log.exception("service failed: %s", err)
+            failure.append(err)
+            stop.set()
+    return run
+
+
+class _Loader:
+    """`load_settings` for the Service: config.json at start, re-read on every reload."""
+
+    def __init__(self, path: str, config: Config, reporter: status.StatusReporter) -> None:
+        self.path, self.config, self.reporter = path, config, reporter
+        self.first = True
+
+    def load(self) -> Settings:
+        if self.first:
+            self.first = False
+            return self.config.settings
+        fresh = read_config(self.path)
+        self.reporter.retarget(fresh.status_dir, fresh.seq)
+        if fresh.settings.logging != self.config.settings.logging:
+            _relog(fresh.log_dir, fresh.settings.logging)
+        log.info("config reloaded (seq %d)", fresh.seq)
+        self.config = fresh
+        return fresh.settings
+
+
+def _relog(log_dir: str, target: LoggingTarget | None) -> None:
+    logs.setup(log_dir, "Service", target)
+
+
+def _write_pid(path: str) -> None:
+    status_tmp = f"{path}.tmp"
+    fd = os.open(status_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(status_tmp, path)
+
+
+def _remove_pid(path: str) -> None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            ours = handle.read().strip() == str(os.getpid())
+        if ours:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
