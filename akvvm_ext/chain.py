@@ -80,13 +80,7 @@ def _parse(value: str, content_type: str | None) -> _Parsed:
     declared = (content_type or "").split(";")[0].strip().lower()
     looks_pem = "-----BEGIN " in text
     if declared not in (PKCS12, PEM):
-        sniffed = PEM if looks_pem else PKCS12
-        note = (
-            f"the secret's content type {content_type or '(none)'!r} is not a certificate type; "
-            f"its value was read as {sniffed}."
-        )
-        parsed = _parse_pem(text) if looks_pem else _parse_pfx(text)
-        return _Parsed(parsed.key, parsed.certs, (note,))
+        return _sniffed(text, looks_pem, content_type)
     if declared == PKCS12 and looks_pem:
         raise ContentError(
             f"the secret's content type is {PKCS12} but its value is PEM text.",
@@ -98,6 +92,14 @@ def _parse(value: str, content_type: str | None) -> _Parsed:
             f"If the value is a base64 PFX, set the secret's content type to {PKCS12}.",
         )
     return _parse_pfx(text) if declared == PKCS12 else _parse_pem(text)
+
+
+def _sniffed(text: str, looks_pem: bool, content_type: str | None) -> _Parsed:
+    """Read a value whose content type does not say what it is, and note that."""
+    parsed = _parse_pem(text) if looks_pem else _parse_pfx(text)
+    said = f"content type {content_type[:60]!r}" if content_type else "no content type"
+    note = f"the secret has {said}; its value was read as {PEM if looks_pem else PKCS12}."
+    return _Parsed(parsed.key, parsed.certs, (note,))
 
 
 def _parse_pfx(text: str) -> _Parsed:
