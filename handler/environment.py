@@ -1,8 +1,9 @@
 """Where the extension lives on the VM: HandlerEnvironment.json, the extension, lib and state dirs,
-the handler version and the sequence number of the settings to act on.
+the handler version and the sequence number of the settings to act on; small state-file I/O.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -139,6 +140,30 @@ def ensure_state_dir(env: Environment) -> str:
     os.makedirs(env.state_dir, mode=0o700, exist_ok=True)
     os.chmod(env.state_dir, 0o700)
     return env.state_dir
+
+
+def read_text(path: str) -> str:
+    """A small file's text, or "" when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def write_atomic(path: str, data: bytes, mode: int) -> None:
+    """Temp file born with its final mode in the same dir, fsync, rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from akvvm_ext import acl
 from akvvm_ext.errors import AkvvmError
 from akvvm_ext.settings import parse
 from handler import environment, settings_file, status
-from handler.environment import EXTENSION_NAME, Environment
-from handler.supervisor import ServiceSpec, Supervisor, spec_for, write_atomic
+from handler.environment import EXTENSION_NAME, Environment, write_atomic
+from handler.supervisor import ServiceSpec, Supervisor, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ REQUIRED_MODULES = ("cryptography", "jsonschema", "azure.identity", "azure.keyva
 STARTING = "Starting Key Vault extension service"
 LOCK_TIMEOUT_S = 120.0
 UPDATE_MARKER = "updating.json"
+ACL_GRANTS = "acl_grants.json"
 UPDATING_FROM = "AZURE_GUEST_AGENT_UPDATING_FROM_VERSION"
 Action = Literal["unchanged", "reload", "restart"]
 
@@ -196,10 +198,32 @@ def uninstall(ctx: Context) -> str:
     if os.path.isdir(ctx.env.state_dir):
         with lifecycle_lock(ctx.env.state_dir):
             ctx.supervisor.remove(ctx.spec)
+            revert_ancestor_grants(ctx.env.state_dir)
         shutil.rmtree(ctx.env.state_dir, ignore_errors=True)
     else:
         ctx.supervisor.remove(ctx.spec)
     return "uninstall: service removed; installed certificates are kept"
+
+
+def revert_ancestor_grants(state_dir: str) -> None:
+    """Take back the traversal ACLs the service added to store ancestors (`acl_grants.json`:
+    a list of [path, kind, id]); the grants on the certificates themselves stay with them."""
+    records = _load_json_list(os.path.join(state_dir, ACL_GRANTS))
+    grants = [acl.TraversalGrant(str(r[0]), str(r[1]), int(r[2])) for r in records
+              if isinstance(r, list) and len(r) == 3 and str(r[2]).isdigit()]
+    try:
+        acl.revert(grants)
+    except AkvvmError as err:
+        log.warning("could not revert ancestor ACL grants: %s", err)
+
+
+def _load_json_list(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
 
 
 def _successor(env: Environment) -> str | None:

@@ -4,7 +4,7 @@ detached daemon (new session, stdio to a log, pidfile and lock held by the servi
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from akvvm_ext.errors import AkvvmError
+from handler.environment import read_text, write_atomic
 
 log = logging.getLogger(__name__)
 
 UNIT_NAME = "akvvm_service.service"
 UNIT_DIR = "/etc/systemd/system"
+UNIT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), UNIT_NAME)
 SYSTEMD_MARKER = "/run/systemd/system"  # exists only when systemd is PID 1
 CHOICE_VARIABLE = "AKVVM_SUPERVISOR"  # "daemon" or "systemd": overrides the detection (tests)
 PASSTHROUGH = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
@@ -122,26 +124,13 @@ def _assignment(text: str) -> str:
 
 
 def unit_text(spec: ServiceSpec) -> str:
-    """The unit file for `spec`; rewritten by every enable (ExecStart follows upgrades)."""
-    env_lines = "".join(f"Environment={_assignment(f'{k}={v}')}\n" for k, v in spec.environment)
-    return (
-        "# Written by the KeyVaultForLinux extension on every enable; local edits are lost.\n"
-        "[Unit]\n"
-        "Description=Azure Key Vault VM extension service (akvvm_service)\n"
-        "Wants=network-online.target\n"
-        "After=network-online.target\n\n"
-        "[Service]\n"
-        "Type=simple\n"
-        f"ExecStart={' '.join(_word(a) for a in spec.argv)}\n"
-        "ExecReload=/bin/kill -HUP $MAINPID\n"
-        f"{env_lines}"
-        "Restart=on-failure\n"
-        "RestartSec=10\n"
-        "KillSignal=SIGTERM\n"
-        "TimeoutStopSec=30\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n"
-    )
+    """The unit file for `spec` (template beside this module); ExecStart follows upgrades."""
+    with open(UNIT_TEMPLATE, encoding="utf-8") as handle:
+        template = handle.read()
+    return template.format(
+        exec_start=" ".join(_word(a) for a in spec.argv),
+        environment="".join(f"Environment={_assignment(f'{k}={v}')}\n"
+                            for k, v in spec.environment))
 
 
 class Systemd:
@@ -162,7 +151,7 @@ class Systemd:
 
     def install(self, spec: ServiceSpec) -> bool:
         text = unit_text(spec)
-        if _read(self.unit_path) == text:
+        if read_text(self.unit_path) == text:
             return False
         write_atomic(self.unit_path, text.encode(), 0o644)
         self._systemctl("daemon-reload")
@@ -205,7 +194,7 @@ class Daemon:
         """Record the definition beside the pidfile, so a changed path or proxy restarts it."""
         path = os.path.join(spec.state_dir, "akvvm_service.definition")
         text = json.dumps({"argv": spec.argv, "environment": spec.environment}, indent=1)
-        if _read(path) == text:
+        if read_text(path) == text:
             return False
         write_atomic(path, text.encode(), 0o600)
         return True
@@ -237,7 +226,7 @@ class Daemon:
                         self.stop_timeout)
             os.kill(pid, signal.SIGKILL)
             self._wait(lambda: not _alive(pid), 5.0)
-        if _read(spec.pidfile).strip() == str(pid):
+        if read_text(spec.pidfile).strip() == str(pid):
             _remove(spec.pidfile)
         log.info("Service pid %d stopped", pid)
 
@@ -250,7 +239,7 @@ class Daemon:
 
     def pid(self, spec: ServiceSpec) -> int | None:
         """The pid in the pidfile, if that process is alive and is our service."""
-        text = _read(spec.pidfile).strip()
+        text = read_text(spec.pidfile).strip()
         if not text.isdigit():
             return None
         pid = int(text)
@@ -302,35 +291,6 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def fingerprint(data: bytes) -> str:
-    """A short stable digest for logs and change detection."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Temp file with its final mode in the same dir, fsync, rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    _remove(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
