@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import grp
+import logging
 import operator
 import os
 import pwd
@@ -26,6 +27,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     posix1e = None
 
+log = logging.getLogger("akvvm.acl")
 READ, EXECUTE = 4, 1
 _BITS = (("r", READ), ("w", 2), ("x", EXECUTE))
 _TAGS = {"user": "u", "group": "g", "mask": "m", "other": "o"}
@@ -73,17 +75,23 @@ def revert(records: Iterable[TraversalGrant]) -> None:
     """Take back traversal grants made by `grant`; gone paths and entries are skipped."""
     with _LOCK:
         for record in records:
-            key = ("u" if record.kind == "user" else "g", record.id)
             try:
-                entries = _read(record.path)
-            except AclError:
-                continue
-            if key not in entries:
-                continue
-            entries[key] &= ~EXECUTE
-            if not entries[key]:
-                del entries[key]
-            _write(record.path, entries)
+                _take_back(record)
+            except AclError as err:  # one stuck path must not keep the others granted
+                log.warning("could not revert %s for %s %d: %s", record.path, record.kind,
+                            record.id, err)
+
+
+def _take_back(record: TraversalGrant) -> None:
+    if not os.path.lexists(record.path):
+        return
+    key = ("u" if record.kind == "user" else "g", record.id)
+    entries = _read(record.path)
+    if key in entries:
+        entries[key] &= ~EXECUTE
+        if not entries[key]:
+            del entries[key]
+        _write(record.path, entries)
 
 
 def _resolve(acl: AclGrant) -> list[_Principal]:

@@ -231,6 +231,13 @@ def _point_link(plan: StorePlan, token: Callable[[], str]) -> bool:
         )
     if st is not None and os.readlink(plan.link_path) == plan.link_target:
         return False
+    _swap_link(plan, token)
+    log.info("%s -> %s", plan.link_path, plan.link_target)
+    return True
+
+
+def _swap_link(plan: StorePlan, token: Callable[[], str]) -> None:
+    """Create the link under a temp name, then rename it over the old one: never a gap."""
     temp = os.path.join(plan.store_dir, f".{os.path.basename(plan.link_path)}.lnk-{token()}")
     try:
         os.symlink(plan.link_target, temp)
@@ -244,8 +251,6 @@ def _point_link(plan: StorePlan, token: Callable[[], str]) -> bool:
     except BaseException:
         _remove_quietly(temp)
         raise
-    log.info("%s -> %s", plan.link_path, plan.link_target)
-    return True
 
 
 def _fsync_dir(path: str) -> None:
