@@ -249,3 +249,20 @@ def test_bad_content_is_a_content_error_with_a_hint_and_no_secret(name: str) -> 
     assert caught.value.hint, text
     assert "PRIVATE KEY" not in text and "hunter2" not in text
     assert not any(len(chunk) > 40 and chunk in text for chunk in value.split())
+
+
+def test_password_protected_pfx_hint_says_to_export_without_password() -> None:
+    """The hint for a password-protected PFX says how Key Vault expects it: empty password."""
+    chain = cf.make_chain(2, "ec")
+    value = base64.b64encode(cf.to_pfx(chain, password=b"pw")).decode()
+    with pytest.raises(ContentError) as caught:
+        convert(value, PKCS12, NOW)
+    assert "empty password" in caught.value.hint
+
+
+def test_self_signed_leaf_alone_is_a_valid_bundle() -> None:
+    """A self-signed certificate with its key gives one certificate and the key."""
+    chain = cf.make_chain(1, "ec")
+    bundle = convert(base64.b64encode(cf.to_pfx(chain)).decode(), PKCS12, NOW)
+    assert [label for label, _ in blocks(bundle.pem)] == ["CERTIFICATE", "PRIVATE KEY"]
+    assert bundle.warnings == ()
