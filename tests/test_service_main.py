@@ -140,8 +140,8 @@ def test_sigterm_during_a_slow_sync_exits_at_once(
     layout.kv.fault("web", "delay", times=5, seconds=20)
     layout.write(layout.raw("web"))
     proc = spawn()
-    wait_until(lambda: layout.kv.count("web") >= 0 and layout.status_doc() is not None)
-    time.sleep(0.5)
+    wait_until(lambda: layout.kv.count("web", status=401) >= 1)  # next: the slow GET
+    time.sleep(0.3)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
@@ -166,7 +166,7 @@ def test_second_instance_refuses_to_run(layout: Layout, spawn: Callable[..., Any
 
 def test_sighup_reloads_settings_and_seq(layout: Layout, spawn: Callable[..., Any],
                                          chain: Callable[..., Chain]) -> None:
-    """SIGHUP re-reads config.json: a new certificate is installed and `<new seq>.status` written."""
+    """SIGHUP re-reads config.json: the new certificate installed, `<new seq>.status` written."""
     layout.kv.add_certificate("web", chain())
     layout.kv.add_certificate("api", chain())
     layout.write(layout.raw("web"))
@@ -178,6 +178,7 @@ def test_sighup_reloads_settings_and_seq(layout: Layout, spawn: Callable[..., An
     assert (layout.store / "localhost.api").is_symlink()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
+    assert_no_secrets(layout, [])
 
 
 def test_invalid_config_reports_error_and_exits_1(layout: Layout) -> None:
@@ -231,12 +232,16 @@ def test_initial_sync_errors_after_25_retries_then_recovers(
     layout.kv.add_certificate("api", chain())
     layout.kv.fault("api", "forbidden", times=1000)
     layout.write(layout.raw("web", "api", initial=True))
-    _, stop, thread = in_process(layout)
+    _, stop, thread = in_process(layout, scale=0.0003)
     try:
-        seen = []
-        doc = wait_until(lambda: seen.append((layout.status_doc() or {}).get("status"))
-                         or (layout.status_doc() or {}).get("status") == "error"
-                         and layout.status_doc())
+        seen: list[str] = []
+
+        def errored() -> dict[str, Any] | None:
+            doc = layout.status_doc() or {}
+            seen.append(doc.get("status", ""))
+            return doc if doc.get("status") == "error" else None
+
+        doc = wait_until(errored)
         assert "transitioning" in seen
         assert layout.kv.count("api") >= 26 and layout.kv.count("web", status=200) == 1
         parsed = parse_with_agent(layout.status / "0.status")
