@@ -70,6 +70,12 @@ def json_type(value: object) -> str:
     return names.get(type(value), "unknown")
 
 
+def described(value: object) -> str:
+    """`a string`, `an array`, `a boolean`...: the JSON type of `value` in words."""
+    kind = json_type(value)
+    return "a boolean" if kind == "boolean" else _TYPE_WORDS.get(kind, kind)
+
+
 def resolve(node: dict[str, Any]) -> dict[str, Any]:
     """Follow a local `$ref` (`#/$defs/<name>`) to its definition."""
     ref = node.get("$ref")
@@ -103,8 +109,7 @@ def _words(error: ValidationError) -> tuple[Path, str, str]:
         prop = resolve(node.get("properties", {}).get(missing, {}))
         return (*path, missing), "is missing", str(prop.get("x-hint", ""))
     if keyword == "type":
-        actual = _TYPE_WORDS[json_type(instance)]
-        return path, f"must be {_type_words(expected)}, not {actual}", (
+        return path, f"must be {_type_words(expected)}, not {described(instance)}", (
             _type_hint(expected, instance, hint))
     if keyword == "pattern":
         return path, str(node.get("x-problem", "does not have the expected form")), hint
@@ -142,12 +147,14 @@ def _type_hint(expected: object, instance: object, hint: str) -> str:
     return hint
 
 
-def unknown_keys(raw: object) -> list[Path]:
-    """Paths of keys the schema does not know, anywhere in `raw`."""
+def unknown_keys(raw: object) -> list[tuple[Path, tuple[str, ...]]]:
+    """Paths of keys the schema does not know, anywhere in `raw`, each with the known keys there."""
     return list(_unknown(schema(), raw, ()))
 
 
-def _unknown(node: dict[str, Any], value: object, path: Path) -> Iterator[Path]:
+def _unknown(
+    node: dict[str, Any], value: object, path: Path
+) -> Iterator[tuple[Path, tuple[str, ...]]]:
     node = resolve(node)
     if "if" in node:
         branch = "then" if json_type(value) == node["if"].get("type") else "else"
@@ -158,7 +165,7 @@ def _unknown(node: dict[str, Any], value: object, path: Path) -> Iterator[Path]:
             if key in known:
                 yield from _unknown(known[key], item, (*path, key))
             else:
-                yield (*path, key)
+                yield (*path, key), tuple(known)
     elif isinstance(value, list) and "items" in node:
         for index, item in enumerate(value):
             yield from _unknown(node["items"], item, (*path, index))

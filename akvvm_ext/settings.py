@@ -5,8 +5,10 @@ No I/O. `parse` reports every problem at once as `SettingsError`, each `<json pa
 """
 from __future__ import annotations
 
+import difflib
 import json
 import posixpath
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +37,7 @@ def merge(public: object, protected: object) -> dict[str, Any]:
             parse(side)  # always raises, naming the escaped JSON and any further problem
         if side is not None and not isinstance(side, dict):
             found = Findings()
-            found.problem((), f"must be an object, not {schema.json_type(side)}")
+            found.problem((), f"must be an object, not {schema.described(side)}")
             raise SettingsError(found.problems)
     return _deep_merge(public or {}, protected or {})  # type: ignore[arg-type]
 
@@ -84,9 +86,14 @@ def _unwrap(raw: object, found: Findings) -> object:
 
 
 def _note_unknown(raw: dict[str, Any], found: Findings) -> None:
-    for path in schema.unknown_keys(raw):
-        if path[-1] in _RESOURCE_KEYS:
+    for path, known in schema.unknown_keys(raw):
+        key = str(path[-1])
+        close = [k for k in known if k.lower() == key.lower()] or difflib.get_close_matches(
+            key, known, n=1, cutoff=0.8)
+        if key in _RESOURCE_KEYS:
             hint = "It is a property of the extension resource, not of its settings"
+        elif close:
+            hint = f"Did you mean {close[0]}? Names are case-sensitive"
         else:
             hint = "Check its spelling and place against docs/settings.md"
         found.note(path, "unknown setting, ignored", hint)
@@ -173,7 +180,8 @@ def _certificate_plan(cert: ObservedCertificate) -> dict[str, Any]:
 def _identity_plan(ident: Identity) -> dict[str, Any]:
     return {
         "kind": "user-assigned" if ident.msi_client_id else "system-assigned",
-        "msiEndpoint": ident.msi_endpoint or "default (azure-identity: IMDS or its environment)",
+        "msiEndpoint": (re.split("[?#]", ident.msi_endpoint)[0] if ident.msi_endpoint
+                        else "default (azure-identity: IMDS or its environment)"),
         "msiClientId": ident.msi_client_id,
     }
 

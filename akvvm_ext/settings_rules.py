@@ -18,6 +18,7 @@ OBSERVED: Path = ("secretsManagementSettings", "observedCertificates")
 AUTH: Path = ("authenticationSettings",)
 LOGGING: Path = ("loggingSettings",)
 DEFAULT_SERVICENAME = "akvvm_service"
+_VERSION_FILE = re.compile(r"(.+)\.[0-9a-f]{32}")
 _GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
@@ -169,11 +170,11 @@ def _collisions(placed: list[tuple[Path, ObservedCertificate]], found: Findings)
         links.setdefault(link_key, path)
         prefixes.setdefault(prefix_key, path)
     for path, cert in placed:
-        for (store, prefix), other in prefixes.items():
-            pattern = re.escape(prefix) + r"\.[0-9a-f]{32}"
-            if store == cert.store_dir and re.fullmatch(pattern, cert.link_name.lower()):
-                found.problem((*path, "customSymbolicLinkName"), "has the name of a version file "
-                              f"of {schema.json_path(other)}", "Choose another link name")
+        looks_versioned = _VERSION_FILE.fullmatch(cert.link_name.lower())
+        other = looks_versioned and prefixes.get((cert.store_dir, looks_versioned.group(1)))
+        if other:
+            found.problem((*path, "customSymbolicLinkName"), "has the name of a version file "
+                          f"of {schema.json_path(other)}", "Choose another link name")
 
 
 def identity(auth: object, found: Findings) -> Identity:

@@ -257,3 +257,11 @@ def test_plan_is_json_and_shows_the_layout() -> None:
     assert shown["identity"]["msiClientId"] == GUID and shown["identity"]["kind"] == "user-assigned"
     assert shown["pollingIntervalInS"] == 3600 and shown["logging"] is None
     assert shown["notes"]
+
+
+def test_misspelt_key_note_suggests_the_right_name() -> None:
+    """An unknown key close to a known one is noted with a suggestion."""
+    settings = parse(base(PollingIntervalInS="60", requireInitalSync=True))
+    assert f"{SMS}.PollingIntervalInS: unknown setting, ignored. Did you mean " \
+           "pollingIntervalInS? Names are case-sensitive." in settings.notes
+    assert any("Did you mean requireInitialSync?" in n for n in settings.notes)
