@@ -79,7 +79,7 @@ def test_next_link_is_absolute_and_keeps_page_size(kv: KeyVaultStandin, imds: Im
     """The raw list page carries an absolute nextLink on the vault's own origin."""
     for i in range(3):
         kv.set_secret(f"s{i}", "x")
-    page = requests.get(kv.url + "/secrets", params={"api-version": "7.4", "maxresults": 2},
+    page = requests.get(kv.url + "/secrets", params={"api-version": "7.4", "maxresults": "2"},
                         headers=_token(imds), verify=kv.ca_path).json()
     assert [i["id"] for i in page["value"]] == [kv.secret_id("s0"), kv.secret_id("s1")]
     assert page["nextLink"].startswith(kv.url + "/secrets?api-version=7.4&%24skiptoken=")
