@@ -146,9 +146,15 @@ def _acls(entry: dict[str, Any], path: Path, found: Findings) -> tuple[AclGrant,
             found.problem(where, "names neither a user nor a group",
                           'Give "user", "group" or both, e.g. {"user": "app1"}')
             continue
-        grants.append(AclGrant(None if user is None else str(user),
-                               None if group is None else str(group)))
+        grants.append(AclGrant(_principal(user), _principal(group)))
     return tuple(grants)
+
+
+def _principal(value: object) -> str | None:
+    """A user/group as text; numeric ids as plain decimals (1000.0 in JSON is 1000)."""
+    if value is None:
+        return None
+    return str(int(value)) if isinstance(value, (int, float)) else str(value)
 
 
 def _collisions(placed: list[tuple[Path, ObservedCertificate]], found: Findings) -> None:

@@ -160,7 +160,7 @@ def test_acls_are_not_applied_when_disabled() -> None:
 
 def test_numeric_acl_ids_become_strings() -> None:
     """uid/gid given as numbers are kept as their decimal text."""
-    [cert] = parse(base({"url": URL, "acls": [{"user": 0, "group": 1000}]})).observed
+    [cert] = parse(base({"url": URL, "acls": [{"user": 0, "group": 1000.0}]})).observed
     assert cert.acls == (AclGrant("0", "1000"),)
 
 

@@ -42,6 +42,7 @@ CASES: list[tuple[str, object, str, str]] = [
     ("root-escaped-quotes", json.dumps(base()).replace('"', '\\"'), "settings", ESCAPED),
     ("root-plain-string", "hello", "settings", ESCAPED),
     ("sms-missing", {}, SMS, "Write it as an object"),
+    ("sms-null", {SMS: None}, SMS, "Write it as an object"),
     ("sms-json-string", {SMS: json.dumps(base()[SMS])}, SMS, ESCAPED),
     ("observed-missing", {SMS: {}}, OC, "Give an array"),
     ("observed-comma-string", {SMS: {"observedCertificates": f"{URL},{URL}2"}}, OC,
