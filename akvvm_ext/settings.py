@@ -86,7 +86,12 @@ def _unwrap(raw: object, found: Findings) -> object:
 
 
 def _note_unknown(raw: dict[str, Any], found: Findings) -> None:
+    """One note per unknown key, however many certificates repeat it."""
+    groups: dict[tuple[str, ...], list[tuple[Path, tuple[str, ...]]]] = {}
     for path, known in schema.unknown_keys(raw):
+        shape = tuple("[]" if isinstance(part, int) else part for part in path)
+        groups.setdefault(shape, []).append((path, known))
+    for (path, known), *more in groups.values():
         key = str(path[-1])
         close = [k for k in known if k.lower() == key.lower()] or difflib.get_close_matches(
             key, known, n=1, cutoff=0.8)
@@ -96,7 +101,8 @@ def _note_unknown(raw: dict[str, Any], found: Findings) -> None:
             hint = f"Did you mean {close[0]}? Names are case-sensitive"
         else:
             hint = "Check its spelling and place against docs/settings.md"
-        found.note(path, "unknown setting, ignored", hint)
+        also = f" (also in {len(more)} more place(s))" if more else ""
+        found.note(path, f"unknown setting, ignored{also}", hint)
 
 
 def _build(raw: dict[str, Any], found: Findings) -> Settings:

@@ -68,6 +68,7 @@ def certificates(
         found.note(OBSERVED, "is empty: nothing will be observed")
     suffixes = _suffixes(sms, found)
     placed: list[tuple[Path, ObservedCertificate]] = []
+    _note_store_names(items, found)
     for index, item in enumerate(items):
         path = (*OBSERVED, index)
         cert = _certificate(item, path, default_store, suffixes, found) if found.ok(path) else None
@@ -78,6 +79,15 @@ def certificates(
             placed.append((path, cert))
     _collisions(placed, found)
     return tuple(cert for _, cert in placed)
+
+
+def _note_store_names(items: list[Any], found: Findings) -> None:
+    """One note for the Windows-only per-certificate certificateStoreName, however often given."""
+    given = [i for i, item in enumerate(items) if isinstance(item, dict)
+             and "certificateStoreName" in item]
+    if given:
+        also = f" (also in {len(given) - 1} more certificate(s))" if len(given) > 1 else ""
+        found.note((*OBSERVED, given[0], "certificateStoreName"), f"is ignored on Linux{also}")
 
 
 def _suffixes(sms: dict[str, Any], found: Findings) -> tuple[str, ...]:
@@ -99,8 +109,6 @@ def _certificate(
         store = store_dir(custom, (*path, "certificateStoreLocation"), found) or default_store
     link = _link_name(entry, (*path, "customSymbolicLinkName"), found)
     acls = _acls(entry, (*path, "acls"), found)
-    if "certificateStoreName" in entry:
-        found.note((*path, "certificateStoreName"), "is ignored on Linux")
     if secret is None or len(found.problems) > before:
         return None
     return ObservedCertificate(

@@ -265,3 +265,15 @@ def test_misspelt_key_note_suggests_the_right_name() -> None:
     assert f"{SMS}.PollingIntervalInS: unknown setting, ignored. Did you mean " \
            "pollingIntervalInS? Names are case-sensitive." in settings.notes
     assert any("Did you mean requireInitialSync?" in n for n in settings.notes)
+
+
+def test_repeated_notes_are_noted_once() -> None:
+    """An unknown key or certificateStoreName on 300 certificates gives one note each."""
+    items = [{"url": f"{URL}{i}", "certificateStoreName": "MY", "foo": 1} for i in range(300)]
+    notes = parse(base(*items)).notes
+    assert notes == (
+        f"{SMS}.observedCertificates[0].foo: unknown setting, ignored (also in 299 more place(s)). "
+        "Check its spelling and place against docs/settings.md.",
+        f"{SMS}.observedCertificates[0].certificateStoreName: is ignored on Linux (also in 299 "
+        "more certificate(s)).",
+    )
