@@ -46,6 +46,8 @@ IDENTITY_HINT = (
 )
 MAX_DETAIL = 300
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
+_QUOTED = re.compile(r"'([^']{1,100})'")
+_FIRST_SENTENCE = re.compile(r"^(.+?[.!])(\s|$)")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,13 @@ def _secret(found: KeyVaultSecret, cert: ObservedCertificate) -> Secret:
 
 def translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
     """Turn an SDK/identity/transport failure into a FetchError with a hint. No I/O."""
+    err = _translate(exc, cert)
+    if err.message and err.message[-1] not in ".!?":
+        err.message += "."
+    return err
+
+
+def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
     if isinstance(exc, FetchError):
         return exc
     if isinstance(exc, CredentialUnavailableError) or (
@@ -158,14 +167,15 @@ def translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return FetchError(
             f"cannot reach vault {cert.vault_name} ({type(exc).__name__}: {_detail(exc)})",
-            "The request will be retried; check DNS, firewall and HTTPS_PROXY/NO_PROXY.",
+            "Check DNS, firewalls, HTTPS_PROXY/NO_PROXY and REQUESTS_CA_BUNDLE; retrying.",
             retryable=True,
         )
     if isinstance(exc, ValueError):  # the challenge names a resource that is not this vault
+        named = _QUOTED.search(str(exc))
         return FetchError(
-            f"vault {cert.vault_name} sent an authentication challenge that does not match "
-            f"its host: {_detail(exc)}",
-            "Check the vault URL; hosts outside the Azure Key Vault DNS suffixes must be listed "
+            f"vault {cert.vault_name} sent an authentication challenge for another resource"
+            + (f" ({named.group(1)})" if named else ""),
+            "Check the vault URL; a host outside the Azure Key Vault DNS suffixes must be listed "
             "in additionalVaultDnsSuffixes.",
         )
     retryable = isinstance(exc, AzureError)
@@ -215,8 +225,12 @@ def _service_error(exc: HttpResponseError) -> tuple[str, str]:
     """Key Vault's own error code and message, if the body had them."""
     error = getattr(exc, "error", None)
     code = str(getattr(error, "code", "") or "")
-    message = str(getattr(error, "message", "") or "")
-    return _clean(code)[:60], _clean(message)
+    inner = getattr(error, "innererror", None)
+    if isinstance(inner, dict) and inner.get("code"):
+        code += f"/{inner['code']}"
+    message = _clean(str(getattr(error, "message", "") or "").split("\n")[0])
+    first = _FIRST_SENTENCE.match(message)
+    return _clean(code)[:80], first.group(1) if first else message
 
 
 def _retry_after(exc: HttpResponseError) -> float | None:
