@@ -85,17 +85,36 @@ def resolve(node: dict[str, Any]) -> dict[str, Any]:
     return resolve(target)
 
 
-def problems(raw: object) -> tuple[list[str], set[Path]]:
-    """Every schema violation in `raw` as a sentence, and the paths that carry one."""
-    sentences: list[str] = []
-    bad: set[Path] = set()
+def problems(raw: object) -> list[tuple[Path, str]]:
+    """Every schema violation in `raw`: its path and its sentence, one per path."""
+    found: dict[Path, str] = {}
     for error in _validator().iter_errors(raw):
         path, problem, hint = _words(error)
-        if path in bad:
-            continue  # one problem per place: `if`/`else` may restate a type error
-        bad.add(path)
-        sentences.append(sentence(path, problem, hint))
-    return sentences, bad
+        # one problem per place: `if`/`else` may restate a type error
+        found.setdefault(path, sentence(path, problem, hint))
+    return list(found.items())
+
+
+def document_order(path: Path) -> tuple[tuple[int, str], ...]:
+    """Sort key that lists paths as the schema orders keys, array items by index."""
+    order = _key_order()
+    return tuple((p, "") if isinstance(p, int) else (order.get(p, len(order)), p) for p in path)
+
+
+@cache
+def _key_order() -> dict[str, int]:
+    names: list[str] = []
+    pending = [schema()]
+    while pending:
+        node = resolve(pending.pop(0))
+        for key in ("items", "then", "else"):
+            if isinstance(node.get(key), dict):
+                pending.append(node[key])
+        for name, child in node.get("properties", {}).items():
+            if name not in names:
+                names.append(name)
+                pending.append(child)
+    return {name: index for index, name in enumerate(names)}
 
 
 def _words(error: ValidationError) -> tuple[Path, str, str]:

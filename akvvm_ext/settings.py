@@ -56,14 +56,14 @@ def parse(raw: object) -> Settings:
     """The effective settings of raw (merged) settings; `SettingsError` lists every problem."""
     found = Findings()
     raw = _unwrap(raw, found)
-    sentences, bad = schema.problems(raw)
-    found.problems.extend(sentences)
-    found.bad |= bad
+    for path, text in schema.problems(raw):
+        found.bad.add(path)
+        found.located.append((path, text))
     settings = Settings(observed=())
     if isinstance(raw, dict):
         _note_unknown(raw, found)
         settings = _build(raw, found)
-    if found.problems:
+    if found.located:
         raise SettingsError(found.problems)
     return replace(settings, notes=tuple(found.notes))
 

@@ -27,8 +27,14 @@ class Findings:
     """Problems and notes collected while parsing; `bad` holds paths that already have a problem."""
 
     bad: set[Path] = field(default_factory=set)
-    problems: list[str] = field(default_factory=list)
+    located: list[tuple[Path, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """The problem sentences in document order."""
+        ordered = sorted(self.located, key=lambda entry: schema.document_order(entry[0]))
+        return [text for _, text in ordered]
 
     def ok(self, path: Path) -> bool:
         """True when neither `path` nor any of its ancestors has a problem."""
@@ -37,7 +43,7 @@ class Findings:
     def problem(self, path: Path, text: str, hint: str = "") -> None:
         """Record a problem at `path`."""
         self.bad.add(path)
-        self.problems.append(schema.sentence(path, text, hint))
+        self.located.append((path, schema.sentence(path, text, hint)))
 
     def note(self, path: Path, text: str, hint: str = "") -> None:
         """Record a note (never fatal) at `path`."""
@@ -101,7 +107,7 @@ def _certificate(
 ) -> ObservedCertificate | None:
     entry: dict[str, Any] = {"url": item} if isinstance(item, str) else dict(item)  # type: ignore[call-overload]
     url_path = path if isinstance(item, str) else (*path, "url")
-    before = len(found.problems)
+    before = len(found.located)
     secret = _secret(entry, url_path, suffixes, found)
     store = default_store
     custom = found.value(entry, (*path, "certificateStoreLocation"), str)
@@ -109,7 +115,7 @@ def _certificate(
         store = store_dir(custom, (*path, "certificateStoreLocation"), found) or default_store
     link = _link_name(entry, (*path, "customSymbolicLinkName"), found)
     acls = _acls(entry, (*path, "acls"), found)
-    if secret is None or len(found.problems) > before:
+    if secret is None or len(found.located) > before:
         return None
     return ObservedCertificate(
         url=secret.url, vault_url=secret.vault_url, vault_name=secret.vault_name,

@@ -261,3 +261,13 @@ def test_escaped_root_also_reports_inner_problems() -> None:
     problems = problems_of(json.dumps(base(pollingIntervalInS="x")))
     assert problems[0].startswith("settings: ")
     assert any(p.startswith(f"{SMS}.pollingIntervalInS: ") for p in problems)
+
+
+def test_problems_come_in_document_order() -> None:
+    """Problems are listed as the settings read: by key order, then certificate by certificate."""
+    raw = certs("http://myvault.vault.azure.net/secrets/a", {"url": 3},
+                "https://example.com/secrets/c", requireInitialSync="yes")
+    raw["authenticationSettings"] = {"msiClientId": "nope"}
+    paths = [p.split(": ")[0] for p in problems_of(raw)]
+    assert paths == [f"{SMS}.requireInitialSync", f"{OC}[0]", f"{OC}[1].url", f"{OC}[2]",
+                     "authenticationSettings.msiClientId"]
