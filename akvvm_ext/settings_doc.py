@@ -21,7 +21,7 @@ Generated from `akvvm_ext/settings_schema.json` by `python -m akvvm_ext.settings
 
 Check a settings file without touching anything: `bin/akvvm check <file>` takes the bare
 settings object (what `az vm extension set --settings @settings.json` takes) or a waagent
-`config/<seq>.settings` file. It prints the effective plan as JSON and exits 0, or prints one
+`config/N.settings` file. It prints the effective plan as JSON and exits 0, or prints one
 line per problem, `<json path>: <problem>. <hint>`, and exits 2.
 """
 
