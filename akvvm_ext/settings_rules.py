@@ -78,13 +78,23 @@ def certificates(
     for index, item in enumerate(items):
         path = (*OBSERVED, index)
         cert = _certificate(item, path, default_store, suffixes, found) if found.ok(path) else None
-        if cert is not None and cert.acls and not acl_enabled:
-            found.note((*path, "acls"), "is not applied because aclEnabled is false")
-            cert = replace(cert, acls=())
         if cert is not None:
             placed.append((path, cert))
     _collisions(placed, found)
+    if not acl_enabled:
+        placed = _without_acls(placed, found)
     return tuple(cert for _, cert in placed)
+
+
+def _without_acls(
+    placed: list[tuple[Path, ObservedCertificate]], found: Findings
+) -> list[tuple[Path, ObservedCertificate]]:
+    """aclEnabled false: acls stay validated but are dropped, with one note."""
+    given = [path for path, cert in placed if cert.acls]
+    if given:
+        also = f" (nor those of {len(given) - 1} more certificate(s))" if len(given) > 1 else ""
+        found.note((*given[0], "acls"), f"is not applied because aclEnabled is false{also}")
+    return [(path, replace(cert, acls=())) for path, cert in placed]
 
 
 def _note_store_names(items: list[Any], found: Findings) -> None:

@@ -153,9 +153,10 @@ def test_short_polling_interval_warns() -> None:
 def test_acls_are_not_applied_when_disabled() -> None:
     """aclEnabled false: acls are validated, dropped from the certificate and noted."""
     settings = parse(base({"url": URL, "acls": [{"user": "app1"}, {"group": 1000}]},
-                          aclEnabled=False))
-    assert settings.observed[0].acls == ()
-    assert any("acls: is not applied because aclEnabled is false" in n for n in settings.notes)
+                          {"url": URL + "2", "acls": [{"user": "app2"}]}, aclEnabled=False))
+    assert [c.acls for c in settings.observed] == [(), ()]
+    assert settings.notes == (f"{SMS}.observedCertificates[0].acls: is not applied because "
+                              "aclEnabled is false (nor those of 1 more certificate(s)).",)
 
 
 def test_numeric_acl_ids_become_strings() -> None:
