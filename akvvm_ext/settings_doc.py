@@ -43,8 +43,10 @@ RULES = """\
   1-127 letters, digits and dashes, versions 32 hex digits. `/certificates/` URLs are refused
   with the `/secrets/` form as hint; `http`, a missing host, user info, query strings, fragments
   and other paths are refused.
-- The host must end, on a DNS label boundary, in one of {suffixes}, or in one of
-  `additionalVaultDnsSuffixes` (then the SDK's challenge-resource check is relaxed for it).
+- The host must be `<vault>.` followed by one of {suffixes};
+  or end in (on a DNS label boundary) or equal one of `additionalVaultDnsSuffixes`, e.g.
+  `["localhost"]` for a local stand-in: only for those hosts the SDK's challenge-resource check
+  is relaxed.
 - The vault name is the first DNS label of the host as written (case kept). Files are
   `<store>/<vault>.<name>.<version>`; the link is `<store>/<vault>.<name>` or
   `<store>/<customSymbolicLinkName>`. Two certificates may not share a link, nor version-file
