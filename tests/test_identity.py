@@ -1,13 +1,23 @@
 """The managed-identity credential: endpoint forms, the environment it sets, real token flows."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from akvvm_ext import identity
-from akvvm_ext.model import Identity
+from akvvm_ext.errors import FetchError
+from akvvm_ext.keyvault import Vaults
+from akvvm_ext.model import Identity, ObservedCertificate
+from akvvm_ext.settings import parse
+from tests.standins.certfactory import make_chain
+from tests.standins.imds import SYSTEM_CLIENT_ID, ImdsStandin
+from tests.standins.keyvault import KeyVaultStandin
 
 KV_SCOPE = "https://vault.azure.net/.default"
 ARC = "http://localhost:40342/metadata/identity"
+CLIENT_ID = "00001111-aaaa-2222-bbbb-3333cccc4444"
 
 
 # -- pure: endpoint forms and environment changes ------------------------------------------------
@@ -99,3 +109,105 @@ def test_arc_port_is_configurable_for_stand_ins() -> None:
     on_port = identity.endpoint("http://127.0.0.1:5555/metadata/identity", arc_port=5555)
     other = identity.endpoint("http://127.0.0.1:5556/metadata/identity", arc_port=5555)
     assert (on_port.kind, other.kind) == ("arc", "imds")
+
+
+# -- real token flows against the IMDS / Arc stand-in --------------------------------------------
+
+
+def imds_identity(imds: ImdsStandin, client_id: str | None = None) -> Identity:
+    return Identity(imds.url + "/metadata/identity", client_id)
+
+
+def vault_cert(kv: KeyVaultStandin, name: str) -> ObservedCertificate:
+    sms = {"observedCertificates": [kv.secret_id(name)],
+           "additionalVaultDnsSuffixes": ["localhost"]}
+    return parse({"secretsManagementSettings": sms}).observed[0]
+
+
+def test_system_identity_token_is_cached(azure_env: dict[str, str], imds: ImdsStandin) -> None:
+    """A system-assigned token comes from msiEndpoint once and is then served from cache."""
+    cred = identity.credential(imds_identity(imds))
+    tokens = {cred.get_token(KV_SCOPE).token for _ in range(3)}
+    assert len(tokens) == 1 and imds.token_requests == 1
+    assert imds.issued_tokens[0].client_id == SYSTEM_CLIENT_ID
+
+
+def test_credential_points_azure_identity_at_endpoint(
+    azure_env: dict[str, str], imds: ImdsStandin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """msiEndpoint becomes AZURE_POD_IDENTITY_AUTHORITY_HOST and the IMDS host skips proxies."""
+    monkeypatch.setenv(identity.POD_HOST, "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "corp.example")
+    monkeypatch.delenv("no_proxy")
+    identity.credential(imds_identity(imds)).get_token(KV_SCOPE)
+    assert os.environ[identity.POD_HOST] == imds.url
+    assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "corp.example,127.0.0.1"
+
+
+def test_defaults_use_the_environment_unchanged(azure_env: dict[str, str],
+                                                imds: ImdsStandin) -> None:
+    """Without authenticationSettings azure-identity's own variables decide the endpoint."""
+    identity.credential(Identity()).get_token(KV_SCOPE)
+    assert os.environ[identity.POD_HOST] == azure_env[identity.POD_HOST]
+    assert imds.token_requests == 1
+
+
+def test_user_assigned_identity_by_client_id(azure_env: dict[str, str],
+                                             imds: ImdsStandin) -> None:
+    """msiClientId asks IMDS for that user-assigned identity's token."""
+    imds.add_identity(CLIENT_ID)
+    identity.credential(imds_identity(imds, CLIENT_ID)).get_token(KV_SCOPE)
+    assert [t.client_id for t in imds.issued_tokens] == [CLIENT_ID]
+
+
+def test_unknown_client_id_is_a_clear_error(azure_env: dict[str, str], imds: ImdsStandin,
+                                            kv: KeyVaultStandin) -> None:
+    """An identity IMDS does not know gives 'Identity not found' and the msiClientId hint."""
+    kv.add_certificate("web", make_chain())
+    cred = identity.credential(imds_identity(imds, CLIENT_ID))
+    with pytest.raises(FetchError) as caught:
+        Vaults(cred, connection_verify=kv.ca_path).fetch(vault_cert(kv, "web"))
+    text = str(caught.value)
+    assert "Identity not found" in text and "msiClientId" in text and caught.value.retryable
+
+
+def test_transient_imds_errors_are_retried_by_azure_identity(
+    azure_env: dict[str, str], imds: ImdsStandin
+) -> None:
+    """IMDS 410, 429 and 503 are retried inside one token request (backoff scaled down)."""
+    for status in (410, 429, 503):
+        imds.fault(status)
+    cred = identity.credential(imds_identity(imds), backoff_scale=0.01)
+    assert cred.get_token(KV_SCOPE).token
+    assert [status for _, status in imds.requests] == [410, 429, 503, 200]
+
+
+def test_imds_failure_is_retryable_and_msal_throttles_it(
+    azure_env: dict[str, str], imds: ImdsStandin, kv: KeyVaultStandin
+) -> None:
+    """An IMDS 5xx is a retryable FetchError; MSAL replays it until Retry-After has passed."""
+    version = kv.add_certificate("web", make_chain())
+    imds.fault(503, times=1, retry_after=1)
+    cred = identity.credential(imds_identity(imds), retry_total=0)
+    vaults = Vaults(cred, connection_verify=kv.ca_path)
+    for _ in range(2):
+        with pytest.raises(FetchError) as caught:
+            vaults.fetch(vault_cert(kv, "web"))
+        assert caught.value.retryable and "managed identity" in str(caught.value)
+    assert imds.token_requests == 1  # the second failure came from MSAL's throttle cache
+    time.sleep(1.1)  # MSAL's own clock: nothing to inject
+    assert vaults.fetch(vault_cert(kv, "web")).version == version
+    assert imds.token_requests == 2
+
+
+def test_arc_flow_reads_the_key_file(azure_env: dict[str, str]) -> None:
+    """The Arc endpoint answers 401 Basic realm=<key file>; the token comes with that key."""
+    with ImdsStandin(mode="arc") as arc:
+        port = int(arc.url.rsplit(":", 1)[1])
+        written = f"http://localhost:{port}/metadata/identity"
+        cred = identity.credential(Identity(written), arc_port=port)
+        assert cred.get_token(KV_SCOPE).token
+        assert [status for _, status in arc.requests] == [401, 200]
+        assert os.environ["IDENTITY_ENDPOINT"] == f"http://localhost:{port}/metadata/identity/oauth2/token"
+        assert all(str(k).startswith("/var/opt/azcmagent/tokens/") for k in arc.key_files)
+    assert not arc.key_files
