@@ -114,3 +114,13 @@ def test_service_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handler, "service_main", fake, raising=False)
     assert cli.main(["service", "--config", "/x/config.json"]) == 7
     assert seen == [["--config", "/x/config.json"]]
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(), reason="no checkout venv")
+def test_checkout_venv_is_found_without_configuration() -> None:
+    """In the checkout, bin/akvvm uses .venv even with a bare PATH and no AKVVM_PYTHON."""
+    env = {k: v for k, v in os.environ.items() if k != "AKVVM_PYTHON"}
+    env["PATH"] = "/usr/bin:/bin"
+    done = subprocess.run([str(AKVVM), "check", str(DATA / "seed_cli_settings.json")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
