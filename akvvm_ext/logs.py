@@ -26,6 +26,8 @@ DATEFMT = "%Y-%m-%d %H:%M:%S"
 ROTATE_BYTES = 1024 * 1024
 ROTATE_KEEP = 5
 QUEUE_SIZE = 1000
+# The SDKs log every request at INFO (multi-line, every cycle): warnings and worse only.
+QUIET = ("azure", "msal", "urllib3")
 FLUENT_TIMEOUT_S = 1.0
 
 _REDACTIONS = (
@@ -81,6 +83,11 @@ class UtcFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(FORMAT, DATEFMT)
         self.converter = time.gmtime
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """One line per event: newlines inside a message are escaped (tracebacks stay)."""
+        record.message = record.message.replace("\r", "").replace("\n", "\\n")
+        return super().formatMessage(record)
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -173,6 +180,8 @@ def setup(log_dir: str | None, component: str, target: LoggingTarget | None = No
         handler.addFilter(RedactFilter())
         root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     _state.update(handlers=handlers, fluent=fluent)
     return fluent
 

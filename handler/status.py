@@ -58,14 +58,16 @@ def document(operation: str, status: str, message: str,
 def substatus_for(result: CertResult) -> dict[str, Any]:
     """One certificate's substatus: what is served where, and the last error if any."""
     failed = result.outcome is Outcome.FAILED
-    parts = [f"error: {result.error or 'unknown error'}"] if failed else []
+    parts = []
     if result.version:
-        served = "still serving" if failed else "version"
+        served = "still serving version" if failed else "version"
         parts.append(f"{served} {result.version}, file {result.path}, link {result.link}")
         parts.append(f"notAfter {result.not_after}")
     elif failed:
         parts.append("nothing installed yet")
     parts.extend(f"warning: {w}" for w in result.warnings)
+    if failed:
+        parts.append(f"error: {result.error or 'unknown error'}")
     status = "error" if failed else ("warning" if result.warnings else "success")
     return {"name": result.url, "status": status, "code": 1 if failed else 0,
             "formattedMessage": formatted("; ".join(parts), SUBSTATUS_MESSAGE_MAX)}
@@ -107,7 +109,9 @@ def headline(phase: Phase, results: Sequence[CertResult], detail: str, started: 
     if phase == "transitioning":
         text = RETRYING
     elif phase == "error":
-        reasons = "; ".join(f"{r.url}: {r.error or 'unknown error'}" for r in failing)
+        each = max(120, MESSAGE_MAX // max(len(failing), 1))
+        reasons = "; ".join(f"{r.url}: {shorten(r.error or 'unknown error', each)}"
+                            for r in failing)
         text = f"Failed to download {len(failing)} certificate(s): {reasons}."
     else:
         text = f"{STARTED} {started}"

@@ -135,3 +135,19 @@ def test_fluentd_blackhole_drops_instead_of_waiting(tmp_path: Path) -> None:
         start = time.monotonic()
         logs.shutdown()
         assert time.monotonic() - start < 3.0
+
+
+def test_multi_line_messages_stay_one_line(tmp_path: Path) -> None:
+    """A message with newlines is one log line; a traceback still follows its line."""
+    logs.setup(str(tmp_path), "Service")
+    logging.getLogger().info("first\nsecond")
+    assert read(tmp_path)[0].endswith("INFO [Service] first\\nsecond")
+
+
+def test_sdk_request_logging_is_quiet(tmp_path: Path) -> None:
+    """The SDKs' per-request INFO logging never reaches the log (idle cycles write nothing)."""
+    logs.setup(str(tmp_path), "Service")
+    logging.getLogger("azure.core.pipeline.policies.http_logging_policy").info("Request URL: x")
+    logging.getLogger("azure.identity").warning("identity trouble")
+    lines = [line.split(": ", 1)[1] for line in read(tmp_path)]
+    assert lines == ["WARNING [Identity] identity trouble"]

@@ -212,17 +212,28 @@ def test_once_prints_a_summary_and_exit_code(layout: Layout, chain: Callable[...
     assert out[0].startswith("unchanged") and out[1].startswith("failed") and "error:" in out[1]
 
 
-def in_process(layout: Layout, scale: float = 0.002) -> tuple[Service, threading.Event,
+class Recording(status.StatusReporter):
+    """The real StatusReporter, also remembering every phase it was given."""
+
+    phases: list[str]
+
+    def report(self, phase: Any, results: Any, message: str) -> None:
+        self.phases.append(phase)
+        super().report(phase, results, message)
+
+
+def in_process(layout: Layout, scale: float = 0.002) -> tuple[Recording, threading.Event,
                                                                 threading.Thread]:
     """The real Service, vault clients and StatusReporter in a thread of this process."""
     config = service_main.read_config(str(layout.config))
-    reporter = status.StatusReporter(config.status_dir, config.seq)
+    reporter = Recording(config.status_dir, config.seq)
+    reporter.phases = []
     service = Service(lambda: parse(json.loads(layout.config.read_text())["settings"]),
                       lambda s: service_main.make_vaults(s, scale), reporter, backoff_scale=scale)
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
     thread.start()
-    return service, stop, thread
+    return reporter, stop, thread
 
 
 def test_initial_sync_errors_after_25_retries_then_recovers(
@@ -232,17 +243,10 @@ def test_initial_sync_errors_after_25_retries_then_recovers(
     layout.kv.add_certificate("api", chain())
     layout.kv.fault("api", "forbidden", times=1000)
     layout.write(layout.raw("web", "api", initial=True))
-    _, stop, thread = in_process(layout, scale=0.0003)
+    reporter, stop, thread = in_process(layout, scale=0.0003)
     try:
-        seen: list[str] = []
-
-        def errored() -> dict[str, Any] | None:
-            doc = layout.status_doc() or {}
-            seen.append(doc.get("status", ""))
-            return doc if doc.get("status") == "error" else None
-
-        doc = wait_until(errored)
-        assert "transitioning" in seen
+        doc = wait_until(lambda: "error" in reporter.phases and layout.status_doc())
+        assert reporter.phases[:26] == ["transitioning"] * 25 + ["error"]
         assert layout.kv.count("api") >= 26 and layout.kv.count("web", status=200) == 1
         parsed = parse_with_agent(layout.status / "0.status")
         assert parsed.status == "error"
@@ -250,6 +254,7 @@ def test_initial_sync_errors_after_25_retries_then_recovers(
         assert "Key Vault Secrets User" in doc["substatus"][1]["formattedMessage"]["message"]
         layout.kv.clear_faults()
         wait_until(lambda: succeeded_with(layout, 2), timeout=30)
+        assert reporter.phases[-1] == "success"
     finally:
         stop.set()
         thread.join(2)

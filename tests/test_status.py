@@ -113,7 +113,7 @@ def test_failing_certificate_keeps_saying_what_is_still_served() -> None:
     sub = status.substatus_for(failed(2, version="v0"))
     assert sub["status"] == "error" and sub["code"] == 1
     assert "403" in sub["formattedMessage"]["message"]
-    assert "still serving v0" in sub["formattedMessage"]["message"]
+    assert "still serving version v0" in sub["formattedMessage"]["message"]
 
 
 def test_expired_certificate_is_a_warning_substatus() -> None:
