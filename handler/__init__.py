@@ -1,4 +1,4 @@
-"""The waagent protocol: HandlerEnvironment, settings files, sequence numbers, status files, service.
+"""The waagent protocol: HandlerEnvironment, settings and status files, sequence numbers, service.
 
 Imports `akvvm_ext`; never the other way round.
 """
