@@ -7,18 +7,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
-from azure.identity import ManagedIdentityCredential
+from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
 
 from .model import Identity
 
 log = logging.getLogger("akvvm.identity")
+_T = TypeVar("_T")
 
 IMDS_ORIGIN = "http://169.254.169.254"  # azure-identity's default when nothing is configured
 ARC_PORT = 40342  # the Azure Arc agent (HIMDS) listens on localhost:40342
@@ -31,6 +33,8 @@ ARC_VARS = ("IDENTITY_ENDPOINT", "IMDS_ENDPOINT")  # Arc flow: both set, no IDEN
 OTHER_FLOWS = ("IDENTITY_HEADER", "MSI_ENDPOINT", "MSI_SECRET")  # App Service, Azure ML
 PROXY_BYPASS = ("NO_PROXY", "no_proxy")  # requests reads no_proxy first, then NO_PROXY
 ENV_KEYS = (POD_HOST, *ARC_VARS, *OTHER_FLOWS, *PROXY_BYPASS)
+
+COOLDOWN_S = 5.0  # like MSAL's own replay of a 429/5xx answer
 
 # azure-identity's own IMDS retry (5 retries on 404/410/429/5xx); only scaled, never replaced.
 IMDS_BACKOFF_FACTOR = 0.8
@@ -120,7 +124,8 @@ def credential(
     """The credential for the whole service: one per process, tokens cached by MSAL.
 
     `options` go to ManagedIdentityCredential unchanged (tests pass retry settings); with none and
-    `backoff_scale` 1, azure-identity's own retry policy applies as it is.
+    `backoff_scale` 1, azure-identity's own retry policy applies as it is. `backoff_scale`
+    (AKVVM_BACKOFF_SCALE) also scales the cool-down after a failed token request.
     """
     apply(environment(identity, os.environ, arc_port=arc_port), os.environ)
     if backoff_scale != 1.0:
@@ -128,7 +133,7 @@ def credential(
         options.setdefault("retry_backoff_max", IMDS_BACKOFF_MAX * backoff_scale)
     log.info("identity: %s", describe(identity, arc_port=arc_port))
     inner = ManagedIdentityCredential(client_id=identity.msi_client_id, **options)
-    return SerializedCredential(inner)
+    return SerializedCredential(inner, COOLDOWN_S * backoff_scale)
 
 
 def describe(identity: Identity, *, arc_port: int = ARC_PORT) -> str:
@@ -142,12 +147,19 @@ def describe(identity: Identity, *, arc_port: int = ARC_PORT) -> str:
 
 
 class SerializedCredential:
-    """One token request at a time: concurrent first fetches wait for one IMDS call, then hit
-    MSAL's cache, instead of all calling IMDS at once."""
+    """One token request at a time, and no stampede after a failure.
 
-    def __init__(self, inner: ManagedIdentityCredential) -> None:
+    Concurrent first fetches wait for one IMDS call, then hit MSAL's cache. A failed call is
+    handed to everyone who was waiting for it and to every caller for `cooldown_s` after it,
+    so an unreachable IMDS (azure-identity retries ~24 s per call) costs one call per pass,
+    not one per certificate.
+    """
+
+    def __init__(self, inner: ManagedIdentityCredential, cooldown_s: float = COOLDOWN_S) -> None:
         self._inner = inner
+        self._cooldown_s = cooldown_s
         self._lock = threading.Lock()
+        self._failure: tuple[float, Exception] | None = None  # (monotonic end, error)
 
     def get_token(
         self,
@@ -158,19 +170,36 @@ class SerializedCredential:
         **kwargs: Any,
     ) -> AccessToken:
         """Delegate to azure-identity, serialized."""
-        with self._lock:
+        def ask() -> AccessToken:
             token: AccessToken = self._inner.get_token(
                 *scopes, claims=claims, tenant_id=tenant_id, enable_cae=enable_cae, **kwargs
             )
-        return token
+            return token
+        return self._serialized(ask)
 
     def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
         """Delegate to azure-identity, serialized."""
-        with self._lock:
+        def ask() -> AccessTokenInfo:
             info: AccessTokenInfo = self._inner.get_token_info(*scopes, options=options)
-        return info
+            return info
+        return self._serialized(ask)
+
+    def _serialized(self, ask: Callable[[], _T]) -> _T:
+        asked_at = time.monotonic()
+        with self._lock:
+            if self._failure is not None:
+                ended, error = self._failure
+                if ended >= asked_at or time.monotonic() - ended < self._cooldown_s:
+                    raise CredentialUnavailableError(message=str(error)) from error
+            try:
+                result = ask()
+            except Exception as error:
+                self._failure = (time.monotonic(), error)
+                raise
+            self._failure = None
+            return result
 
     def close(self) -> None:
         """Close the identity transport."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -124,6 +125,12 @@ def vault_cert(kv: KeyVaultStandin, name: str) -> ObservedCertificate:
     return parse({"secretsManagementSettings": sms}).observed[0]
 
 
+def fetch_error(vaults: Vaults, cert: ObservedCertificate) -> FetchError:
+    with pytest.raises(FetchError) as caught:
+        vaults.fetch(cert)
+    return caught.value
+
+
 def test_system_identity_token_is_cached(azure_env: dict[str, str], imds: ImdsStandin) -> None:
     """A system-assigned token comes from msiEndpoint once and is then served from cache."""
     cred = identity.credential(imds_identity(imds))
@@ -188,7 +195,7 @@ def test_imds_failure_is_retryable_and_msal_throttles_it(
     """An IMDS 5xx is a retryable FetchError; MSAL replays it until Retry-After has passed."""
     version = kv.add_certificate("web", make_chain())
     imds.fault(503, times=1, retry_after=1)
-    cred = identity.credential(imds_identity(imds), retry_total=0)
+    cred = identity.credential(imds_identity(imds), retry_total=0, backoff_scale=0.01)
     vaults = Vaults(cred, connection_verify=kv.ca_path)
     for _ in range(2):
         with pytest.raises(FetchError) as caught:
@@ -211,3 +218,18 @@ def test_arc_flow_reads_the_key_file(azure_env: dict[str, str]) -> None:
         assert os.environ["IDENTITY_ENDPOINT"] == f"http://localhost:{port}/metadata/identity/oauth2/token"
         assert all(str(k).startswith("/var/opt/azcmagent/tokens/") for k in arc.key_files)
     assert not arc.key_files
+
+
+def test_failed_token_request_is_not_repeated_per_certificate(
+    azure_env: dict[str, str], imds: ImdsStandin, kv: KeyVaultStandin
+) -> None:
+    """After a failed token request, the other certificates of the pass fail fast with it."""
+    names = [f"c{i}" for i in range(6)]
+    for name in names:
+        kv.add_certificate(name, make_chain())
+    vaults = Vaults(identity.credential(imds_identity(imds, CLIENT_ID)),
+                    connection_verify=kv.ca_path)
+    with ThreadPoolExecutor(3) as pool:
+        errors = list(pool.map(lambda n: fetch_error(vaults, vault_cert(kv, n)), names))
+    assert all("Identity not found" in str(e) for e in errors)
+    assert imds.token_requests == 1
