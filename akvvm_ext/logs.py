@@ -178,6 +178,7 @@ def setup(log_dir: str | None, component: str, target: LoggingTarget | None = No
     for handler in handlers:
         handler.addFilter(ComponentFilter(component))
         handler.addFilter(RedactFilter())
+        handler.addFilter(REPEATS)
         root.addHandler(handler)
     root.setLevel(level)
     for name in QUIET:
@@ -215,6 +216,38 @@ def shutdown(timeout: float = 2.0) -> None:
     _state.update(handlers=[], fluent=None)
 
 
+class RepeatFilter(logging.Filter):
+    """Thins out a WARNING+ line repeated verbatim every cycle (see `Throttle`).
+
+    One instance serves every handler: the decision is made once per record.
+    `forget(text)` (a certificate recovered) makes its next failure log at once.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        decided = getattr(record, "akvvm_repeat", None)
+        if decided is not None or record.levelno < logging.WARNING:
+            return decided is not False
+        message = record.getMessage()
+        with self._lock:
+            text = self._throttle.check(message, message)
+            self._throttle.trim(self.MAX_KEYS)
+        record.akvvm_repeat = text is not None
+        if text is not None and text != message:
+            record.msg, record.args = text, None
+        return text is not None
+
+    def forget(self, text: str) -> None:
+        with self._lock:
+            self._throttle.forget_containing(text)
+
+
 class Throttle:
     """Logs a failure repeated every cycle at growing intervals, and always when it changes.
 
@@ -239,3 +272,21 @@ class Throttle:
     def clear(self, key: str) -> bool:
         """Forget `key`; True if it was failing (worth a "recovered" line)."""
         return self._seen.pop(key, None) is not None
+
+    def forget_containing(self, text: str) -> None:
+        """Forget every key that contains `text` (e.g. a certificate's URL)."""
+        for key in [k for k in self._seen if text in k]:
+            del self._seen[key]
+
+    def trim(self, limit: int) -> None:
+        """Keep at most `limit` keys, dropping the oldest."""
+        while len(self._seen) > limit:
+            del self._seen[next(iter(self._seen))]
+
+
+REPEATS = RepeatFilter()
+
+
+def forget_repeats(text: str) -> None:
+    """A failure mentioning `text` is over: its next occurrence is logged at once."""
+    REPEATS.forget(text)

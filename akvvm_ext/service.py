@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import tenacity
 
-from akvvm_ext import backoff
+from akvvm_ext import backoff, logs
 from akvvm_ext.model import CertResult, Outcome, Settings
 
 Phase = Literal["transitioning", "success", "error"]
@@ -72,6 +72,7 @@ class Service:
         self._reload = threading.Event()
         self._stop = threading.Event()
         self.passes = 0
+        self._failing: set[str] = set()
 
     def request_reload(self) -> None:
         """Ask for a settings reload at the next wake-up (safe from a signal handler)."""
@@ -160,7 +161,17 @@ class Service:
             sleep=self._pause, before_sleep=on_sleep,
             retry_error_callback=lambda state: attempt.results,
         )
-        return retrying(attempt.next, retryable)
+        results: list[CertResult] = retrying(attempt.next, retryable)
+        self._note_recoveries(results)
+        return results
+
+    def _note_recoveries(self, results: list[CertResult]) -> None:
+        """Log a certificate that works again, and let its next failure log at once."""
+        now_failing = {r.url for r in failing(results)}
+        for url in sorted(self._failing - now_failing):
+            logs.forget_repeats(url)
+            log.info("%s: works again", url)
+        self._failing = now_failing
 
     def _pass(self, settings: Settings, vaults: Any) -> list[CertResult]:
         results = self._sync(settings, vaults, self._clock())

@@ -23,6 +23,7 @@ def _restore_logging() -> Iterator[None]:
     """Each test leaves the root logger as it found it."""
     yield
     logs.shutdown()
+    logs.forget_repeats("")  # every key contains ""
 
 
 def read(log_dir: Path) -> list[str]:
@@ -151,3 +152,30 @@ def test_sdk_request_logging_is_quiet(tmp_path: Path) -> None:
     logging.getLogger("azure.identity").warning("identity trouble")
     lines = [line.split(": ", 1)[1] for line in read(tmp_path)]
     assert lines == ["WARNING [Identity] identity trouble"]
+
+
+def test_repeated_failure_lines_are_thinned_until_recovery(tmp_path: Path) -> None:
+    """The same warning every cycle is logged at growing intervals; after recovery at once."""
+    logs.setup(str(tmp_path), "Service")
+    log = logging.getLogger("akvvm.sync")
+    for _ in range(10):
+        log.warning("https://v/secrets/web: 403 Forbidden")
+    log.warning("https://v/secrets/web: 404 SecretNotFound")
+    logs.forget_repeats("https://v/secrets/web")
+    log.warning("https://v/secrets/web: 403 Forbidden")
+    lines = [line.split("[Sync] ", 1)[1] for line in read(tmp_path)]
+    assert lines == ["https://v/secrets/web: 403 Forbidden",
+                     "https://v/secrets/web: 403 Forbidden (same failure 2 times in a row)",
+                     "https://v/secrets/web: 403 Forbidden (same failure 4 times in a row)",
+                     "https://v/secrets/web: 403 Forbidden (same failure 8 times in a row)",
+                     "https://v/secrets/web: 404 SecretNotFound",
+                     "https://v/secrets/web: 403 Forbidden"]
+
+
+def test_repeat_thinning_applies_once_per_record_for_all_handlers(tmp_path: Path) -> None:
+    """With a second handler (fluentd), each repeat is counted once, not once per handler."""
+    target = LoggingTarget(servicename="s", host="127.0.0.1", port=free_port())
+    logs.setup(str(tmp_path), "Service", target)
+    for _ in range(4):
+        logging.getLogger("akvvm.sync").warning("same trouble")
+    assert len(read(tmp_path)) == 3
