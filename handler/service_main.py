@@ -220,7 +220,20 @@ def _run(config_path: str, config: Config, scale: float) -> Outcome:
         pass
     thread.join(STOP_GRACE_S)
     log.info("service stopped%s", "" if not thread.is_alive() else " (a sync was in flight)")
+    if failure:
+        _report_failure(loader.config, failure[0])
     return Outcome(1 if failure else 0, thread.is_alive())
+
+
+def _report_failure(config: Config, err: BaseException) -> None:
+    """The service cannot go on: say why in the current status before exiting non-zero."""
+    reason = str(err) if isinstance(err, AkvvmError) else f"internal error ({type(err).__name__})"
+    try:
+        status.write_error(config.status_dir, config.seq, status.OPERATION,
+                           f"The Key Vault extension service stopped: {reason}. "
+                           "See the service log.")
+    except OSError as write_err:
+        log.error("cannot write the error status: %s", write_err)
 
 
 def _guard(service: Service, stop: threading.Event,

@@ -331,3 +331,24 @@ def assert_no_secrets(layout: Layout, extra: list[str]) -> None:
     for text in texts:
         assert "PRIVATE KEY" not in text
         assert not any(token in text for token in tokens)
+
+
+def test_service_that_cannot_start_reports_error(layout: Layout,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure building the clients ends the service with exit 1 and an error status."""
+    def broken(settings: Any, scale: float) -> Any:
+        raise service_main.ConfigError("identity endpoint unusable")
+
+    monkeypatch.setattr(service_main, "make_vaults", broken)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    layout.write(layout.raw(), seq=5)
+    try:
+        config = service_main.read_config(str(layout.config))
+        outcome = service_main.serve(str(layout.config), config, 0.001)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert outcome.code == 1
+    parsed = parse_with_agent(layout.status / "5.status")
+    assert parsed.status == "error" and "identity endpoint unusable" in parsed.message
+    assert not (layout.state / "akvvm_service.pid").exists()
