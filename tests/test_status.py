@@ -30,12 +30,6 @@ class Clock:
 
 def parse_with_agent(path: Path) -> Any:
     """Parse a status file with the real WALinuxAgent code; returns its ExtensionStatus."""
-    try:
-        from tests.standins.waagent import parse_status  # type: ignore[attr-defined]
-    except ImportError:
-        parse_status = None
-    if parse_status is not None:
-        return parse_status(str(path))
     if not AGENT.is_dir():
         pytest.skip("real agent not unpacked (make waagent)")
     if str(AGENT) not in sys.path:
