@@ -96,6 +96,10 @@ class Vaults:
             raise translate(exc, cert) from None
         return _secret(found, cert)
 
+    def client(self, cert: ObservedCertificate) -> SecretClient:
+        """The SecretClient for `cert`'s vault (listing uses it; see `listing.ChangeDetector`)."""
+        return self._client(cert).client
+
     def close(self) -> None:
         """Close every client's connections."""
         with self._lock:

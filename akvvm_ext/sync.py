@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol, TypeGuard
+from typing import Protocol, TypeGuard, cast
 
 from . import acl, chain, store
 from .errors import AkvvmError
 from .keyvault import Secret
+from .listing import ChangeDetector, Fetched
 from .model import AclGrant, CertResult, ObservedCertificate, Outcome, Settings
 
 log = logging.getLogger("akvvm.sync")
@@ -39,25 +40,10 @@ class _Verified:
     warnings: tuple[str, ...]
 
 
-class _Memo:
-    """Per link path, what the last successful pass verified (bounded by the certificates)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, _Verified] = {}
-        self._lock = threading.Lock()
-
-    def get(self, link: str) -> _Verified | None:
-        with self._lock:
-            return self._entries.get(link)
-
-    def put(self, link: str, verified: _Verified) -> None:
-        with self._lock:
-            self._entries[link] = verified
-
-
-# Process-wide: the first pass of a process converts and compares every installed version (so a
-# file written by an older extension is corrected); later passes skip unchanged versions.
-_MEMO = _Memo()
+# Process-wide, per link path (so bounded by the certificates): the first pass of a process
+# converts and compares every installed version (a file written by an older extension is
+# corrected); later passes skip verified versions. Single dict get/set: atomic in CPython.
+_MEMO: dict[str, _Verified] = {}
 
 
 GrantsRecorder = Callable[[Sequence[acl.TraversalGrant]], None]
@@ -71,6 +57,7 @@ class _Pass:
     now: datetime
     acls_on: bool
     record_grants: GrantsRecorder | None
+    detector: ChangeDetector | None
 
 
 def sync(
@@ -80,23 +67,45 @@ def sync(
     *,
     max_workers: int = 8,
     record_grants: GrantsRecorder | None = None,
+    detector: ChangeDetector | None = None,
 ) -> list[CertResult]:
     """Run one pass over `settings.observed`; one result per observed certificate, in order.
 
     `record_grants` receives the traversal ACLs newly added on store ancestors (to persist
     them for revert at uninstall); it may be called from worker threads, one call at a time.
+    `detector` (kept across passes; needs `vaults.client(cert)`) lists a vault instead of
+    fetching each certificate when that takes fewer requests.
     """
+    recorder = _serialized(record_grants) if record_grants else None
+    shared = _Pass(vaults, now, settings.acl_enabled, recorder, detector)
+    by_cert = {id(c): r for c, r in _unchanged_by_listing(settings.observed, shared)}
     groups: dict[str, list[ObservedCertificate]] = {}
     for cert in settings.observed:
-        groups.setdefault(cert.url, []).append(cert)
-    if not groups:
-        return []
-    recorder = _serialized(record_grants) if record_grants else None
-    shared = _Pass(vaults, now, settings.acl_enabled, recorder)
-    with ThreadPoolExecutor(max(1, min(max_workers, len(groups))), "akvvm-sync") as pool:
-        futures = [pool.submit(_sync_group, certs, shared) for certs in groups.values()]
-        by_cert = {id(c): r for f in futures for c, r in f.result()}
+        if id(cert) not in by_cert:
+            groups.setdefault(cert.url, []).append(cert)
+    if groups:
+        with ThreadPoolExecutor(min(max(1, max_workers), len(groups)), "akvvm-sync") as pool:
+            futures = [pool.submit(_sync_group, certs, shared) for certs in groups.values()]
+            by_cert.update((id(c), r) for f in futures for c, r in f.result())
     return [by_cert[id(cert)] for cert in settings.observed]
+
+
+def _unchanged_by_listing(
+    observed: Sequence[ObservedCertificate], shared: _Pass
+) -> list[tuple[ObservedCertificate, CertResult]]:
+    """The certificates a vault listing shows unchanged, with their results (no GET for them)."""
+    client_for = getattr(shared.vaults, "client", None)
+    if shared.detector is None or client_for is None or not observed:
+        return []
+    selection = shared.detector.select(
+        observed, client_for, lambda c: _verified(c, shared.acls_on) is not None,
+        shared.now.timestamp(),
+    )
+    if selection.list_requests:
+        log.debug("listed vaults with %d request(s); %d of %d certificate(s) unchanged",
+                  selection.list_requests, len(selection.unchanged), len(observed))
+    found = [(cert, _verified(cert, shared.acls_on)) for cert in selection.unchanged]
+    return [(cert, result) for cert, result in found if result is not None]
 
 
 def _serialized(record: GrantsRecorder) -> GrantsRecorder:
@@ -113,28 +122,33 @@ def _sync_group(
     certs: Sequence[ObservedCertificate], shared: _Pass
 ) -> list[tuple[ObservedCertificate, CertResult]]:
     """Fetch once, then install for each observed certificate with this URL."""
-    pinned = [_pinned_unchanged(cert, shared.acls_on) for cert in certs]
+    pinned = [_verified(c, shared.acls_on) if c.version else None for c in certs]
     if all(pinned):  # a version never changes: once installed and verified, no GET at all
         return [(cert, result) for cert, result in zip(certs, pinned, strict=True) if result]
     try:
         secret = shared.vaults.fetch(certs[0])
     except AkvvmError as err:
+        _tell_detector(shared, certs[0], None)
         return [(cert, _failed(cert, err)) for cert in certs]
     except Exception:  # a bug must not take the other certificates down
         log.exception("fetching %s failed unexpectedly", certs[0].url)
         return [(cert, _failed(cert, _internal())) for cert in certs]
+    _tell_detector(shared, certs[0], secret)
     bundle = _Lazy(lambda: chain.convert(secret.value, secret.content_type, shared.now))
     return [(cert, _install_guarded(cert, secret, bundle, shared)) for cert in certs]
 
 
-def _pinned_unchanged(cert: ObservedCertificate, acls_on: bool) -> CertResult | None:
-    """The result for a pinned version this process already installed and verified, else None."""
-    if cert.version is None:
-        return None
+def _tell_detector(shared: _Pass, cert: ObservedCertificate, secret: Secret | None) -> None:
+    if shared.detector is not None:  # Secret is frozen; listing.Fetched declares plain attributes
+        shared.detector.fetched(cert, cast("Fetched | None", secret), shared.now.timestamp())
+
+
+def _verified(cert: ObservedCertificate, acls_on: bool) -> CertResult | None:
+    """UNCHANGED when what the link serves was verified by this process (pinned: that version)."""
     current = _installed_quietly(cert)
     known = _MEMO.get(os.path.join(cert.store_dir, cert.link_name))
     grants = cert.acls if acls_on else ()
-    if current is None or current.version != cert.version:
+    if current is None or cert.version not in (None, current.version):
         return None
     if not _still_valid(known, current.path, grants):
         return None
@@ -157,12 +171,10 @@ def _install(
     cert: ObservedCertificate, secret: Secret, bundle: _Lazy, shared: _Pass
 ) -> CertResult:
     """Skip when this version is installed and verified; else convert, write, grant."""
+    done = _verified(cert, shared.acls_on)
+    if done is not None and done.version == secret.version:
+        return done
     grants = cert.acls if shared.acls_on else ()
-    link = os.path.join(cert.store_dir, cert.link_name)
-    current = store.installed(cert)
-    known = _MEMO.get(link)
-    if current and current.version == secret.version and _still_valid(known, current.path, grants):
-        return _result(cert, Outcome.UNCHANGED, current.version, current.path, known)
     converted = bundle.get()
     plan = store.plan(cert, secret.version, converted.pem)
     change = store.apply(plan)
@@ -178,7 +190,7 @@ def _install(
             shared.record_grants(added)
     verified = _Verified(plan.version_path, _stat(plan.version_path), grants,
                          _iso(converted.not_after), converted.warnings)
-    _MEMO.put(link, verified)
+    _MEMO[plan.link_path] = verified
     outcome = Outcome.INSTALLED if change.changed else Outcome.UNCHANGED
     return _result(cert, outcome, plan.version, plan.version_path, verified)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,7 @@ from cryptography import x509
 
 from akvvm_ext import acl, identity, sync
 from akvvm_ext.keyvault import Secret, Vaults
+from akvvm_ext.listing import ChangeDetector
 from akvvm_ext.model import CertResult, Identity, ObservedCertificate, Outcome, Settings
 from akvvm_ext.settings import parse
 from tests.standins.certfactory import PEM, PKCS12, make_chain
@@ -284,3 +286,29 @@ def test_logs_carry_events_but_no_secret(vaults: Vaults, kv: KeyVaultStandin, im
     value = kv.secret_id("web")  # the URL may appear; the value must not
     assert value in text and key_body not in text
     assert not any(t.token in text for t in imds.issued_tokens)
+
+
+def test_listing_replaces_gets_when_cheaper(azure_env: dict[str, str], imds: ImdsStandin,
+                                            tmp_path: Path) -> None:
+    """With a ChangeDetector, settled certificates cost one listing page, and a rotation is
+    still picked up."""
+    clock = [time.time() - 3600]  # the secrets were created an hour ago
+    with KeyVaultStandin(accept_token=imds.token_issued, clock=lambda: clock[0]) as kv:
+        names = [f"c{i}" for i in range(6)]
+        for name in names:
+            kv.add_certificate(name, make_chain())
+        vaults = Vaults(identity.credential(Identity(imds.url + "/metadata/identity")),
+                        connection_verify=kv.ca_path)
+        detector, wanted = ChangeDetector(), settings(kv, tmp_path / "s", *names)
+        sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+        kv.reset_counters()
+        steady = sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+        assert {r.outcome for r in steady} == {Outcome.UNCHANGED}
+        assert kv.requests == [("GET", "/secrets", 200)]
+        clock[0] = time.time()
+        new = kv.add_certificate("c3", make_chain())
+        kv.reset_counters()
+        rotated = sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+    assert [r.outcome for r in rotated].count(Outcome.INSTALLED) == 1
+    assert rotated[3].version == new
+    assert kv.count() == 2  # one listing page, one GET for the rotated certificate
