@@ -118,6 +118,8 @@ class Vaults:
                     **self._options,
                 )
                 self._clients[key] = _Client(client)
+                log.debug("client for vault %s%s", cert.vault_url,
+                          " (challenge resource check relaxed)" if cert.relaxed_challenge else "")
             return self._clients[key]
 
     def _get(self, cert: ObservedCertificate) -> KeyVaultSecret:
@@ -175,16 +177,20 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
             retryable=True,
         )
     if isinstance(exc, ValueError):  # the challenge names a resource that is not this vault
-        named = _QUOTED.search(str(exc))
-        return FetchError(
-            f"vault {cert.vault_name} sent an authentication challenge for another resource"
-            + (f" ({named.group(1)})" if named else ""),
-            "Check the vault URL; a host outside the Azure Key Vault DNS suffixes must be listed "
-            "in additionalVaultDnsSuffixes.",
-        )
+        return _challenge_error(exc, cert)
     retryable = isinstance(exc, AzureError)
     return FetchError(f"fetching {cert.url} failed: {type(exc).__name__}: {_detail(exc)}",
                       retryable=retryable)
+
+
+def _challenge_error(exc: ValueError, cert: ObservedCertificate) -> FetchError:
+    named = _QUOTED.search(str(exc))
+    return FetchError(
+        f"vault {cert.vault_name} sent an authentication challenge for another resource"
+        + (f" ({named.group(1)})" if named else ""),
+        "Check the vault URL; a host outside the Azure Key Vault DNS suffixes must be listed "
+        "in additionalVaultDnsSuffixes.",
+    )
 
 
 def _identity_error(exc: BaseException) -> FetchError:
