@@ -106,7 +106,10 @@ def main(argv: Sequence[str]) -> int:
         return _config_failed(err)
     if args.once:
         logs.setup(None, "Service", None)
-        return once(config, scale)
+        try:
+            return once(config, scale)
+        finally:
+            logs.shutdown()
     logs.setup(config.log_dir, "Service", config.settings.logging)
     if scale_note:
         log.warning("%s", scale_note)

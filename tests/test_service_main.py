@@ -71,6 +71,13 @@ class Layout:
         return "".join(p.read_text() for p in self.logs.glob("akvvm_service.log*"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Handlers installed by an in-process main() never outlive the test."""
+    yield
+    logs.shutdown()
+
+
 @pytest.fixture
 def layout(tmp_path: Path, kv: KeyVaultStandin, imds: ImdsStandin,
            azure_env: dict[str, str]) -> Layout:
@@ -218,8 +225,8 @@ class Recording(status.StatusReporter):
     phases: list[str]
 
     def report(self, phase: Any, results: Any, message: str) -> None:
-        self.phases.append(phase)
         super().report(phase, results, message)
+        self.phases.append(phase)
 
 
 def in_process(layout: Layout, scale: float = 0.002) -> tuple[Recording, threading.Event,
