@@ -359,3 +359,24 @@ def test_service_that_cannot_start_reports_error(layout: Layout,
     parsed = parse_with_agent(layout.status / "5.status")
     assert parsed.status == "error" and "identity endpoint unusable" in parsed.message
     assert not (layout.state / "akvvm_service.pid").exists()
+
+
+def test_idle_service_writes_nothing(layout: Layout, chain: Callable[..., Chain]) -> None:
+    """Cycles with nothing new: one GET per certificate each, no status or log write."""
+    layout.kv.add_certificate("web", chain())
+    layout.write(layout.raw("web", interval="100"))  # ~0.2 s at this scale
+    logs.setup(str(layout.logs), "Service")
+    reporter, stop, thread = in_process(layout, scale=0.002)
+    try:
+        wait_until(lambda: succeeded_with(layout, 1))
+        before = [(p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in sorted([*layout.status.iterdir(), *layout.logs.iterdir()])]
+        gets = layout.kv.count("web", status=200)
+        wait_until(lambda: layout.kv.count("web", status=200) >= gets + 3)
+    finally:
+        stop.set()
+        thread.join(2)
+    after = [(p.name, p.stat().st_mtime_ns, p.stat().st_size)
+             for p in sorted([*layout.status.iterdir(), *layout.logs.iterdir()])]
+    assert after == before
+    assert layout.kv.count("web") == layout.kv.count("web", status=200) + 1  # + one challenge
