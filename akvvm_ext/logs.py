@@ -130,9 +130,9 @@ class Fluent:
                                                   "component": "Logging"}))
 
     def _send(self, record: logging.LogRecord) -> None:
-        data = {"level": record.levelname, "component": getattr(record, "component", ""),
-                "message": record.getMessage()}
         try:
+            data = {"level": record.levelname, "component": getattr(record, "component", ""),
+                    "message": record.getMessage()}
             self.sender.emit_with_time(None, int(record.created), data)
         except Exception:  # noqa: BLE001 - fluentd must never take the service down
             self.dropped += 1
