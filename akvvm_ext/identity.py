@@ -131,7 +131,7 @@ def credential(
     if backoff_scale != 1.0:
         options.setdefault("retry_backoff_factor", IMDS_BACKOFF_FACTOR * backoff_scale)
         options.setdefault("retry_backoff_max", IMDS_BACKOFF_MAX * backoff_scale)
-    log.info("identity: %s", describe(identity, arc_port=arc_port))
+    log.info("using the %s", describe(identity, arc_port=arc_port))
     inner = ManagedIdentityCredential(client_id=identity.msi_client_id, **options)
     return SerializedCredential(inner, COOLDOWN_S * backoff_scale)
 

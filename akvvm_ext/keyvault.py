@@ -138,7 +138,7 @@ class Vaults:
 def _secret(found: KeyVaultSecret, cert: ObservedCertificate) -> Secret:
     props = found.properties
     if found.value is None or not props.version:
-        raise FetchError(f"Key Vault returned no value for {cert.url}", status=200, retryable=True)
+        raise FetchError("Key Vault returned no value", status=200, retryable=True)
     return Secret(
         value=found.value,
         content_type=props.content_type,
@@ -167,7 +167,7 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
     ):
         return _identity_error(exc)
     if isinstance(exc, DecodeError):
-        return FetchError(f"Key Vault sent a malformed response for {cert.url}", retryable=True)
+        return FetchError("Key Vault sent a malformed response", retryable=True)
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         return _http_error(exc, cert)
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
@@ -179,7 +179,7 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
     if isinstance(exc, ValueError):  # the challenge names a resource that is not this vault
         return _challenge_error(exc, cert)
     retryable = isinstance(exc, AzureError)
-    return FetchError(f"fetching {cert.url} failed: {type(exc).__name__}: {_detail(exc)}",
+    return FetchError(f"fetching the secret failed: {type(exc).__name__}: {_detail(exc)}",
                       retryable=retryable)
 
 
@@ -205,7 +205,7 @@ def _identity_error(exc: BaseException) -> FetchError:
 def _http_error(exc: HttpResponseError, cert: ObservedCertificate) -> FetchError:
     status = int(exc.status_code or 0)
     code, message = _service_error(exc)
-    said = f"Key Vault answered {status}" + (f" {code}" if code else "") + f" for {cert.url}"
+    said = f"Key Vault answered {status}" + (f" {code}" if code else "")
     said += f": {message}" if message else ""
     if status == 401:
         hint = "The token was rejected. " + IDENTITY_HINT
