@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.standins.waagent import ExtensionSpec, WaagentRunner
+from tests.standins.waagent import AGENT_VERSION, ExtensionSpec, WaagentRunner
 
 TESTPKG = Path(__file__).resolve().parent / "standins" / "testpkg"
 BASE = "Test.Standin.Base"
@@ -55,6 +55,15 @@ def test_enable_success_is_reported_ready_with_the_extension_status(runner: Waag
     assert [(s.name, s.status) for s in handler.extension.substatus] == [("detail", "success")]
     assert [line[:3] for line in _ops(runner, BASE)] == [
         ["install", "1.0.0", "seq=4"], ["enable", "1.0.0", "seq=4"]]
+
+
+def test_the_report_comes_from_the_debian_agent(runner: WaagentRunner) -> None:
+    """The status blob is the one WALinuxAgent 2.7.3.0 (Debian 12) would upload."""
+    runner.set_goal_state([ExtensionSpec(BASE, "1.0.0")])
+    report = runner.run()
+    assert runner.agent_version == AGENT_VERSION == "2.7.3.0"
+    assert report.blob["aggregateStatus"]["guestAgentStatus"]["version"] == AGENT_VERSION
+    assert report.goal_state_status == "Success"
 
 
 def test_agent_writes_handler_environment_and_settings(runner: WaagentRunner) -> None:
@@ -144,6 +153,20 @@ def test_failed_dependency_skips_the_dependent(runner: WaagentRunner) -> None:
     assert _ops(runner, DEPENDENT) == []
     assert dependent.status == "NotReady"
     assert dependent.message is not None and BASE in dependent.message
+
+
+def test_dependency_stuck_without_terminal_status_times_out(tmp_path: Path) -> None:
+    """A level 0 handler that never reports success or error holds level 1 until the timeout."""
+    runner = WaagentRunner(tmp_path / "vm", goal_state_timeout=1.0)
+    for name in (BASE, DEPENDENT):
+        runner.add_package(_zip(tmp_path, "1.0.0"), name=name, version="1.0.0")
+    runner.set_goal_state([
+        ExtensionSpec(BASE, "1.0.0", public={"mode": "silent"}),
+        ExtensionSpec(DEPENDENT, "1.0.0", dependency_level=1),
+    ])
+    dependent = runner.run().handler(DEPENDENT)
+    assert _ops(runner, DEPENDENT) == []
+    assert "did not reach a terminal state within the allowed timeout" in (dependent.message or "")
 
 
 def test_upgrade_runs_the_agents_sequence(runner: WaagentRunner) -> None:

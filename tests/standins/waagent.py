@@ -77,6 +77,7 @@ def load_agent() -> SimpleNamespace:
              "exthandlers": "ga.exthandlers", "wire": "common.protocol.wire",
              "processutil": "common.utils.extensionprocessutil",
              "cgroups": "common.cgroupconfigurator", "exception": "common.exception",
+             "version": "common.version",
              "gs": "common.protocol.extensions_goal_state_from_extensions_config"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # distutils, crypt: agent's imports
@@ -272,6 +273,7 @@ class WaagentRunner:
     def __init__(self, root: Path, *, env: Mapping[str, str] | None = None,
                  poll_scale: float = 0.02, goal_state_timeout: float = 90 * 60) -> None:
         self.agent = load_agent()
+        self.agent_version: str = self.agent.version.AGENT_VERSION
         self.root = Path(root)
         self.lib_dir = self.root / "var/lib/waagent"
         self.log_dir = self.root / "var/log/azure"
