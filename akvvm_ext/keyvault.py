@@ -44,6 +44,10 @@ IDENTITY_HINT = (
     "Check that a managed identity is assigned to the VM; with user-assigned identities set "
     "authenticationSettings.msiClientId to the client id of the one to use."
 )
+NO_IMDS_HINT = (
+    "Check authenticationSettings.msiEndpoint (default: IMDS at 169.254.169.254) and that the "
+    "VM reaches it directly, without a proxy; retrying."
+)
 MAX_DETAIL = 300
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 _QUOTED = re.compile(r"'([^']{1,100})'")
@@ -194,11 +198,19 @@ def _challenge_error(exc: ValueError, cert: ObservedCertificate) -> FetchError:
 
 
 def _identity_error(exc: BaseException) -> FetchError:
+    """azure-identity says "no response from the IMDS endpoint" for every failure; say which."""
     detail = _detail(exc)
-    hint = IDENTITY_HINT
-    if "not found" in detail.lower() or "no identity" in detail.lower():
-        hint = "The identity was not found. " + hint
-    return FetchError(f"no token from the managed identity endpoint: {detail}", hint,
+    _, answered, said = detail.partition("Token request error:")
+    if answered:
+        lowered = said.lower()
+        unknown = "identity" in lowered and ("not found" in lowered or "no " in lowered)
+        hint = IDENTITY_HINT if unknown else "The endpoint is busy or restarting; retrying."
+        return FetchError(f"the managed identity endpoint refused a token: {said.strip()}",
+                          hint, retryable=True)
+    if "no response from the IMDS endpoint" in detail:
+        return FetchError("no response from the managed identity endpoint", NO_IMDS_HINT,
+                          retryable=True)
+    return FetchError(f"no token from the managed identity endpoint: {detail}", IDENTITY_HINT,
                       retryable=True)
 
 

@@ -233,3 +233,22 @@ def test_failed_token_request_is_not_repeated_per_certificate(
         errors = list(pool.map(lambda n: fetch_error(vaults, vault_cert(kv, n)), names))
     assert all("Identity not found" in str(e) for e in errors)
     assert imds.token_requests == 1
+
+
+def test_unreachable_endpoint_says_so(azure_env: dict[str, str], kv: KeyVaultStandin) -> None:
+    """Nothing listening at msiEndpoint: 'no response', a hint about the endpoint, retryable."""
+    kv.add_certificate("web", make_chain())
+    cred = identity.credential(Identity("http://127.0.0.1:9/metadata/identity"), retry_total=0)
+    err = fetch_error(Vaults(cred, connection_verify=kv.ca_path), vault_cert(kv, "web"))
+    assert str(err).startswith("no response from the managed identity endpoint.")
+    assert "msiEndpoint" in str(err) and err.retryable
+
+
+def test_imds_upgrade_is_reported_as_transient(azure_env: dict[str, str], imds: ImdsStandin,
+                                               kv: KeyVaultStandin) -> None:
+    """An exhausted 410 names IMDS's own reason and does not blame the identity setup."""
+    kv.add_certificate("web", make_chain())
+    imds.fault(410)
+    cred = identity.credential(imds_identity(imds), retry_total=0)
+    err = fetch_error(Vaults(cred, connection_verify=kv.ca_path), vault_cert(kv, "web"))
+    assert "(gone) IMDS is being upgraded" in str(err) and "msiClientId" not in str(err)
