@@ -104,6 +104,23 @@ def test_stopped_receiver_refuses_and_the_sender_reports_failure(fluentd: Fluent
     assert len(fluentd.records) == 1
 
 
+def test_restarted_receiver_keeps_its_port_and_the_sender_reconnects(
+    fluentd: FluentdStandin,
+) -> None:
+    """start() after stop() listens on the same port again; fluent-logger reconnects to it."""
+    port = fluentd.port
+    sender = FluentSender("akvvm", host="127.0.0.1", port=port, timeout=1.0)
+    assert sender.emit("one", {"n": 1})
+    fluentd.wait_for(1)
+    fluentd.stop()
+    sender.emit("lost", {"n": 0})
+    fluentd.start()
+    assert fluentd.port == port
+    assert sender.emit("two", {"n": 2}) or sender.emit("two", {"n": 2})
+    sender.close()
+    assert fluentd.wait_for(2)[-1].record == {"n": 2}
+
+
 def test_wait_for_times_out_with_a_clear_message(fluentd: FluentdStandin) -> None:
     """wait_for names how many records came when the expected ones never do."""
     with pytest.raises(TimeoutError, match="got 0 of 1"):

@@ -313,6 +313,7 @@ class WaagentRunner:
 
     def run(self) -> AgentReport:
         """One pass of the agent's main loop: process a new goal state, then report status."""
+        self._wire.status_blob_data = None
         with self._activated():
             if self._handler is None:
                 self._handler = self.agent.exthandlers.ExtHandlersHandler(self._wire)
