@@ -370,8 +370,8 @@ class WaagentRunner:
     def _runtime_settings(self, spec: ExtensionSpec) -> str | None:
         if spec.raw_settings is not None or not spec.settings:
             return spec.raw_settings
-        handler: dict[str, Any] = {"publicSettings": dict(spec.public or {})
-                                   if spec.public is not None else None}
+        public = dict(spec.public) if spec.public is not None else None
+        handler: dict[str, Any] = {"publicSettings": public}
         if spec.protected is not None:
             handler["protectedSettings"] = self.encrypt(spec.protected, spec.cipher)
             handler["protectedSettingsCertThumbprint"] = self.thumbprint
@@ -380,21 +380,8 @@ class WaagentRunner:
     @contextlib.contextmanager
     def _activated(self) -> Iterator[None]:
         """Point the agent's global state (conf, logger, events, clocks, env) at this runner."""
-        agent = self.agent
-        agent.conf.__conf__.values.clear()
-        if AGENT_CONF.is_file():
-            agent.conf.load_conf_from_file(str(AGENT_CONF))
-        agent.conf.__conf__.values.update({
-            "Lib.Dir": str(self.lib_dir), "Extension.LogDir": str(self.log_dir),
-            "CGroups.Enabled": "n", "Extensions.Enabled": "y", "Logs.Console": "n",
-            "Logs.Verbose": "n", "OS.OpensslPath": shutil.which("openssl") or "openssl"})
-        agent.logger.DEFAULT_LOGGER.appenders = []
-        agent.logger.reset_periodic()
-        agent.logger.add_logger_appender(agent.logger.AppenderType.FILE,
-                                         agent.logger.LogLevel.INFO, str(self.agent_log))
-        agent.event.init_event_logger(str(self.lib_dir / "events"))
-        agent.cgroups.CGroupConfigurator._instance = None
-        command_clock = _CommandClock()
+        self._configure_agent()
+        agent, command_clock = self.agent, _CommandClock()
         real_completion = agent.cgroups.handle_process_completion
 
         def completion(process: subprocess.Popen[bytes], **kwargs: Any) -> Any:
@@ -406,8 +393,8 @@ class WaagentRunner:
                    (agent.exthandlers, "_DEFAULT_EXT_TIMEOUT_MINUTES", minutes),
                    (agent.processutil, "time", command_clock),
                    (agent.cgroups, "handle_process_completion", completion)]
-        saved_env = dict(os.environ)
         originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+        saved_env = dict(os.environ)
         try:
             for module, name, value in patches:
                 setattr(module, name, value)
@@ -418,6 +405,23 @@ class WaagentRunner:
                 setattr(module, name, value)
             os.environ.clear()
             os.environ.update(saved_env)
+
+    def _configure_agent(self) -> None:
+        """Debian's /etc/waagent.conf with this runner's dirs, no cgroups; log to agent_log."""
+        conf, logger = self.agent.conf, self.agent.logger
+        conf.__conf__.values.clear()
+        if AGENT_CONF.is_file():
+            conf.load_conf_from_file(str(AGENT_CONF))
+        conf.__conf__.values.update({
+            "Lib.Dir": str(self.lib_dir), "Extension.LogDir": str(self.log_dir),
+            "CGroups.Enabled": "n", "Extensions.Enabled": "y", "Logs.Console": "n",
+            "Logs.Verbose": "n", "OS.OpensslPath": shutil.which("openssl") or "openssl"})
+        logger.DEFAULT_LOGGER.appenders = []
+        logger.reset_periodic()
+        logger.add_logger_appender(logger.AppenderType.FILE, logger.LogLevel.INFO,
+                                   str(self.agent_log))
+        self.agent.event.init_event_logger(str(self.lib_dir / "events"))
+        self.agent.cgroups.CGroupConfigurator._instance = None  # uninitialised: cgroups off
 
 
 def make_transport_certificate(lib_dir: Path) -> str:
