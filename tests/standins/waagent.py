@@ -424,17 +424,26 @@ class WaagentRunner:
         self.agent.cgroups.CGroupConfigurator._instance = None  # uninitialised: cgroups off
 
 
-def make_transport_certificate(lib_dir: Path) -> str:
+_TRANSPORT_PAIR: list[tuple[bytes, bytes]] = []  # made once per process: RSA keygen is slow
+
+
+def make_transport_certificate(lib_dir: Path, fresh: bool = False) -> str:
     """Write `<lib>/<THUMBPRINT>.crt/.prv` as the agent does for goal-state certificates."""
-    key, crt = lib_dir / "new.prv", lib_dir / "new.crt"
-    subprocess.run(["openssl", "req", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "365",
-                    "-subj", "/CN=waagent-standin", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
-    der = x509.load_pem_x509_certificate(crt.read_bytes())
-    thumbprint = der.fingerprint(hashes.SHA1()).hex().upper()  # Azure's thumbprint
-    key.chmod(0o600)
-    key.rename(lib_dir / f"{thumbprint}.prv")
-    crt.rename(lib_dir / f"{thumbprint}.crt")
+    if fresh or not _TRANSPORT_PAIR:
+        key, crt = lib_dir / "new.prv", lib_dir / "new.crt"
+        subprocess.run(["openssl", "req", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "365",
+                        "-subj", "/CN=waagent-standin", "-keyout", str(key), "-out", str(crt)],
+                       check=True, capture_output=True)
+        _TRANSPORT_PAIR[:] = [(crt.read_bytes(), key.read_bytes())]
+        crt.unlink()
+        key.unlink()
+    crt_pem, key_pem = _TRANSPORT_PAIR[0]
+    cert = x509.load_pem_x509_certificate(crt_pem)
+    thumbprint = cert.fingerprint(hashes.SHA1()).hex().upper()  # Azure's thumbprint
+    (lib_dir / f"{thumbprint}.crt").write_bytes(crt_pem)
+    private = lib_dir / f"{thumbprint}.prv"
+    private.touch(mode=0o600)
+    private.write_bytes(key_pem)
     return thumbprint
 
 
