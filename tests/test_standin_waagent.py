@@ -120,9 +120,11 @@ def test_missing_status_file_gets_the_agents_placeholder(runner: WaagentRunner) 
 def test_run_until_follows_a_status_that_changes_later(runner: WaagentRunner) -> None:
     """transitioning first; later passes pick up the success the extension writes afterwards."""
     runner.set_goal_state([ExtensionSpec(BASE, "1.0.0", public={"mode": "slow", "delay": "0.3"})])
-    first = runner.run().handler(BASE).extension
+    first_report = runner.run()
+    first = first_report.handler(BASE).extension
     assert first is not None and first.status == "transitioning"
-    final = runner.run_until(lambda report: report.handler(BASE).terminal, timeout=10)
+    assert not first_report.converged
+    final = runner.run_until(lambda report: report.converged, timeout=10)
     extension = final.handler(BASE).extension
     assert extension is not None and extension.message == "done late"
 

@@ -18,6 +18,11 @@ the real `StatusBlob` serialises the status blob that `run()` hands back as an `
     report = runner.run_until(lambda r: r.handler(name).terminal, timeout=30)
     report.handler(name).status           # "Ready"/"NotReady"; .extension.status, .substatus ...
 
+Packages, as 2.7.3 finds them: `download()` uses `<lib>/<Name>__<version>.zip` if it exists,
+else fetches each package URI of the manifest to that path, then unzips into
+`<lib>/<Name>-<version>/`; removing a handler deletes both. `add_package` publishes a zip to the
+fake blob store, so the agent's download path runs for real.
+
 Faked, and why (no Azure here): the wire server and blob storage (`_FakeWire`) serve the goal
 state, manifests and zips from `<root>/blobs` (a download is a file copy), keep the status blob
 instead of uploading it, and give 127.0.0.1 as the wire address. The certificate Azure would
@@ -152,6 +157,13 @@ class AgentReport:
             if handler.name == name:
                 return handler
         raise KeyError(f"no status for {name}; reported: {[h.name for h in self.handlers]}")
+
+    @property
+    def converged(self) -> bool:
+        """Every handler settled, by the rule of the agent's ExtensionsSummary (ga/update.py)."""
+        settled = (*TERMINAL, "Ready", "NotReady")
+        return all((h.extension.status if h.extension else h.status) in settled
+                   for h in self.handlers)
 
     @classmethod
     def from_blob(cls, blob: Mapping[str, Any]) -> AgentReport:
