@@ -190,6 +190,17 @@ def test_upgrade_runs_the_agents_sequence(runner: WaagentRunner) -> None:
     assert handler.version == "1.1.0" and handler.status == "Ready"
 
 
+def test_agent_restart_runs_enable_again_and_only_enable(runner: WaagentRunner) -> None:
+    """After an agent restart the same goal state is processed again: enable runs once more."""
+    runner.set_goal_state([ExtensionSpec(BASE, "1.0.0", seq=3)])
+    runner.run()
+    runner.run()
+    runner.restart_agent()
+    assert runner.run().handler(BASE).status == "Ready"
+    assert [line[:3] for line in _ops(runner, BASE)] == [
+        ["install", "1.0.0", "seq=3"], ["enable", "1.0.0", "seq=3"], ["enable", "1.0.0", "seq=3"]]
+
+
 def test_uninstall_state_disables_uninstalls_and_removes(runner: WaagentRunner) -> None:
     """Goal state 'uninstall' runs disable then uninstall and deletes the extension dir."""
     runner.set_goal_state([ExtensionSpec(BASE, "1.0.0")])

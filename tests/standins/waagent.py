@@ -339,6 +339,12 @@ class WaagentRunner:
         self.last_report = AgentReport.from_blob(json.loads(self._wire.status_blob_data))
         return self.last_report
 
+    def restart_agent(self) -> None:
+        """As if waagent restarted: the next pass processes the current goal state again
+        (for an enabled handler that means enable runs again, without install)."""
+        self._handler = None
+        self._processed = None
+
     def run_until(self, predicate: Callable[[AgentReport], bool], timeout: float = 30.0,
                   interval: float = 0.1) -> AgentReport:
         """Repeat passes until `predicate(report)` holds; raise TimeoutError with the last one."""
