@@ -12,7 +12,7 @@ have_cmd setfacl || need="$need acl"                    # getfacl/setfacl for te
 have_cmd openssl || need="$need openssl"
 have_cmd gcc || need="$need gcc"
 [ -x /usr/sbin/nginx ] || have_cmd nginx || need="$need nginx"   # TLS handshake test
-have_cmd npm || need="$need npm"                        # independent fluentd implementation
+have_cmd npm || need="$need nodejs npm"                      # independent fluentd implementation
 have_cmd dpkg-deb || need="$need dpkg"
 "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need="$need python3-dev"
