@@ -216,7 +216,7 @@ def write_zip(path: str, entries: dict[str, tuple[bytes, bool]]) -> None:
             info.create_system = 3
             info.external_attr = (0o100755 if executable else 0o100644) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, data, compresslevel=6)
+            archive.writestr(info, data, compresslevel=1)  # 3x faster than 6, 10% larger
     os.replace(tmp, path)
 
 

@@ -67,7 +67,8 @@ def _run(operation: str, ctx: Context) -> int:
 def _fail(operation: str, status_dir: str, seq: int, message: str, code: int) -> int:
     """Log, tell the agent through stderr and the status file, and pick the exit code."""
     best_effort = operation in BEST_EFFORT
-    log.log(logging.WARNING if best_effort else logging.ERROR, "%s: %s", operation, message)
+    if logging.getLogger().handlers:  # else logging's last resort would print it a second time
+        log.log(logging.WARNING if best_effort else logging.ERROR, "%s: %s", operation, message)
     print(f"{operation}: {message}", file=sys.stderr)
     if best_effort:
         return 0
