@@ -13,16 +13,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from akvvm_ext import backoff, logs
 from akvvm_ext.errors import AkvvmError
-from akvvm_ext.model import CertResult, LoggingTarget, Settings
 from akvvm_ext.model import Outcome as CertOutcome
+from akvvm_ext.model import Settings
 from akvvm_ext.service import Service
 from akvvm_ext.settings import parse
 from handler import status
@@ -60,8 +60,6 @@ class Config:
     seq: int
     status_dir: str
     log_dir: str
-    extension_path: str
-    handler_version: str
 
 
 def read_config(path: str) -> Config:
@@ -84,8 +82,7 @@ def read_config(path: str) -> Config:
         settings = parse(raw.get("settings"))
     except AkvvmError as err:
         raise ConfigError(f"invalid settings in {path}: {err}", *where) from None
-    return Config(settings, int(raw["seq"]), str(status_dir), str(raw["logFolder"]),
-                  str(raw["extensionPath"]), str(raw["handlerVersion"]))
+    return Config(settings, int(raw["seq"]), str(status_dir), str(raw["logFolder"]))
 
 
 def _arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -125,32 +122,28 @@ def main(argv: Sequence[str]) -> int:
 def _config_failed(err: ConfigError) -> int:
     print(f"akvvm service: {err}", file=sys.stderr)
     if err.status_dir is not None and err.seq is not None:
-        try:
+        with suppress(OSError):  # nowhere to report then; stderr has the reason
             status.write_error(err.status_dir, err.seq, status.OPERATION, str(err))
-        except OSError as write_err:
-            print(f"akvvm service: cannot write status: {write_err}", file=sys.stderr)
     return 1
 
 
-def make_vaults(settings: Settings, scale: float) -> Any:
+class Clients:
     """The real clients: one managed-identity credential and the vault clients on it."""
-    from akvvm_ext.identity import credential
 
-    return _Clients(credential(settings.identity, backoff_scale=scale))
-
-
-class _Clients:
-    """Vaults plus the credential they use, closed together when the identity changes."""
-
-    def __init__(self, cred: Any) -> None:
+    def __init__(self, settings: Settings, scale: float) -> None:
+        from akvvm_ext.identity import credential
         from akvvm_ext.keyvault import Vaults
 
-        self.credential, self.vaults = cred, Vaults(cred)
+        self.credential = credential(settings.identity, backoff_scale=scale)
+        self.vaults = Vaults(self.credential)
         self.fetch = self.vaults.fetch
 
     def close(self) -> None:
         self.vaults.close()
         self.credential.close()
+
+
+make_vaults = Clients  # the factory the Service gets (tests replace it)
 
 
 def once(config: Config, scale: float) -> int:
@@ -163,16 +156,9 @@ def once(config: Config, scale: float) -> int:
     finally:
         clients.close()
     for result in results:
-        print(summary(result))
+        detail = status.substatus_for(result)["formattedMessage"]["message"]
+        print(f"{result.outcome.value:9} {result.url}: {detail}")
     return 1 if any(r.outcome is CertOutcome.FAILED for r in results) else 0
-
-
-def summary(result: CertResult) -> str:
-    """One line: outcome, URL, what is served and, on failure, why."""
-    line = f"{result.outcome.value:9} {result.url}"
-    if result.version:
-        line += f" version {result.version} -> {result.link}"
-    return f"{line} error: {result.error}" if result.error else line
 
 
 @contextmanager
@@ -197,35 +183,62 @@ def serve(config_path: str, config: Config, scale: float) -> Outcome:
         if not first:
             log.info("another service instance is already running; exiting")
             return Outcome(0)
+        reporter = status.StatusReporter(config.status_dir, config.seq)
+        loader = _Loader(config_path, config, reporter)
+        service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
+                          backoff_scale=scale)
+        previous = signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
         pidfile = os.path.join(state_dir, PID_NAME)
         _write_pid(pidfile)
         try:
-            return _run(config_path, config, scale)
+            return _run(service, loader)
         finally:
             _remove_pid(pidfile)
+            signal.signal(signal.SIGHUP, previous)
 
 
-def _run(config_path: str, config: Config, scale: float) -> Outcome:
-    reporter = status.StatusReporter(config.status_dir, config.seq)
-    loader = _Loader(config_path, config, reporter)
-    service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
-                      backoff_scale=scale)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+class _StopRequested(Exception):
+    """Raised by the SIGTERM/SIGINT handler to end the main thread's wait at once."""
+
+
+def _run(service: Service, loader: _Loader) -> Outcome:
+    """The loop runs in a thread; the main thread only waits for it or for a stop signal."""
+    stop, done = threading.Event(), threading.Event()
     failure: list[BaseException] = []
-    thread = threading.Thread(target=_guard(service, stop, failure), name="service", daemon=True)
     log.info("service started (pid %d, seq %d, %d observed certificate(s))", os.getpid(),
-             config.seq, len(config.settings.observed))
-    thread.start()
-    while thread.is_alive() and not stop.wait(1.0):
-        pass
-    thread.join(STOP_GRACE_S)
-    log.info("service stopped%s", "" if not thread.is_alive() else " (a sync was in flight)")
+             loader.config.seq, len(loader.config.settings.observed))
+    worker = _guard(service, stop, done, failure)
+    threading.Thread(target=worker, name="service", daemon=True).start()
+    with _stop_signals() as stopping:
+        try:
+            done.wait()  # the SIGTERM handler raises here (not Thread.join: 3.11 mis-marks it)
+        except _StopRequested:
+            pass
+        stopping.append(True)
+        stop.set()
+        done.wait(STOP_GRACE_S)
+    in_flight = not done.is_set()
+    log.info("service stopped%s", " (a sync was in flight)" if in_flight else "")
     if failure:
         _report_failure(loader.config, failure[0])
-    return Outcome(1 if failure else 0, thread.is_alive())
+    return Outcome(1 if failure else 0, in_flight)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[bool]]:
+    """SIGTERM/SIGINT raise `_StopRequested` once; later ones (and after stopping) are ignored."""
+    stopping: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(True)
+            raise _StopRequested
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopping
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 def _report_failure(config: Config, err: BaseException) -> None:
@@ -239,15 +252,16 @@ def _report_failure(config: Config, err: BaseException) -> None:
         log.error("cannot write the error status: %s", write_err)
 
 
-def _guard(service: Service, stop: threading.Event,
-           failure: list[BaseException]) -> Any:
+def _guard(service: Service, stop: threading.Event, done: threading.Event,
+           failure: list[BaseException]) -> Callable[[], None]:
     def run() -> None:
         try:
             service.run(stop)
         except BaseException as err:  # reported, then the process exits 1
             log.exception("service failed: %s", err)
             failure.append(err)
-            stop.set()
+        finally:
+            done.set()
     return run
 
 
@@ -265,33 +279,22 @@ class _Loader:
         fresh = read_config(self.path)
         self.reporter.retarget(fresh.status_dir, fresh.seq)
         if fresh.settings.logging != self.config.settings.logging:
-            _relog(fresh.log_dir, fresh.settings.logging)
+            logs.setup(fresh.log_dir, "Service", fresh.settings.logging)
         log.info("config reloaded (seq %d)", fresh.seq)
         self.config = fresh
         return fresh.settings
 
 
-def _relog(log_dir: str, target: LoggingTarget | None) -> None:
-    logs.setup(log_dir, "Service", target)
-
-
 def _write_pid(path: str) -> None:
-    status_tmp = f"{path}.tmp"
-    fd = os.open(status_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{os.getpid()}\n")
-    os.replace(status_tmp, path)
+    with os.fdopen(os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def _remove_pid(path: str) -> None:
     try:
         with open(path, encoding="ascii") as handle:
-            ours = handle.read().strip() == str(os.getpid())
-        if ours:
-            os.unlink(path)
+            if handle.read().strip() == str(os.getpid()):
+                os.unlink(path)
     except OSError:
         pass
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -87,12 +87,12 @@ def layout(tmp_path: Path, kv: KeyVaultStandin, imds: ImdsStandin,
 
 @pytest.fixture
 def spawn(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """Start service processes (python -m handler.service_main); kill leftovers by pid."""
+    """Start service processes (`python -m handler.cli service`); kill leftovers by pid."""
     started: list[subprocess.Popen[bytes]] = []
     monkeypatch.setenv("AKVVM_BACKOFF_SCALE", SCALE)
 
     def start(*extra: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "handler.service_main", "service",
+        proc = subprocess.Popen([sys.executable, "-m", "handler.cli", "service",
                                  "--config", str(layout.config), *extra], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
@@ -212,7 +212,7 @@ def test_once_prints_a_summary_and_exit_code(layout: Layout, chain: Callable[...
     layout.kv.add_certificate("web", chain())
     layout.write(layout.raw("web"))
     assert service_main.main(["--config", str(layout.config), "--once"]) == 0
-    assert capsys.readouterr().out.startswith(f"installed {layout.kv.url}/secrets/web version ")
+    assert capsys.readouterr().out.startswith(f"installed {layout.kv.url}/secrets/web: version ")
     layout.write(layout.raw("web", "missing"))
     assert service_main.main(["--config", str(layout.config), "--once"]) == 1
     out = capsys.readouterr().out.splitlines()
@@ -366,7 +366,7 @@ def test_idle_service_writes_nothing(layout: Layout, chain: Callable[..., Chain]
     layout.kv.add_certificate("web", chain())
     layout.write(layout.raw("web", interval="100"))  # ~0.2 s at this scale
     logs.setup(str(layout.logs), "Service")
-    reporter, stop, thread = in_process(layout, scale=0.002)
+    _, stop, thread = in_process(layout, scale=0.002)
     try:
         wait_until(lambda: succeeded_with(layout, 1))
         before = [(p.name, p.stat().st_mtime_ns, p.stat().st_size)
