@@ -166,7 +166,8 @@ class Systemd:
         self._systemctl("reload", UNIT_NAME)
 
     def stop(self, spec: ServiceSpec) -> None:
-        self._systemctl("stop", UNIT_NAME, check=False)
+        """Stop it and keep it from starting at boot while the extension is disabled."""
+        self._systemctl("disable", "--now", UNIT_NAME, check=False)
 
     def is_running(self, spec: ServiceSpec) -> bool:
         return self._systemctl("is-active", "--quiet", UNIT_NAME, check=False).returncode == 0
