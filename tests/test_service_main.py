@@ -380,3 +380,25 @@ def test_idle_service_writes_nothing(layout: Layout, chain: Callable[..., Chain]
              for p in sorted([*layout.status.iterdir(), *layout.logs.iterdir()])]
     assert after == before
     assert layout.kv.count("web") == layout.kv.count("web", status=200) + 1  # + one challenge
+
+
+def test_throttling_storm_is_bounded_per_cycle(layout: Layout, chain: Callable[..., Chain]) -> None:
+    """A vault answering only 429: three GETs per certificate per cycle, one token request."""
+    for name in ("web", "api"):
+        layout.kv.add_certificate(name, chain())
+    layout.kv.fault(None, "throttle", times=1000, retry_after=2)
+    layout.write(layout.raw("web", "api"))
+    _, stop, thread = in_process(layout, scale=0.05)  # Retry-After 2 s -> 0.1 s
+    try:
+        wait_until(lambda: layout.kv.count(status=429) >= 6)
+        time.sleep(0.5)
+        doc = wait_until(lambda: (d := layout.status_doc()) and len(d.get("substatus", [])) == 2
+                         and d)
+    finally:
+        stop.set()
+        thread.join(2)
+    assert layout.kv.count("web", status=429) == 3 and layout.kv.count("api", status=429) == 3
+    assert doc["status"] == "success" and "2 of 2 certificates failing" in \
+        doc["formattedMessage"]["message"]
+    assert all("429" in s["formattedMessage"]["message"] for s in doc["substatus"])
+    assert layout.imds.token_requests == 1
