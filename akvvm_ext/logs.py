@@ -109,7 +109,8 @@ class Fluent:
                  timeout: float = FLUENT_TIMEOUT_S) -> None:
         host = f"unix://{target.unix_path}" if target.unix_path else (target.host or "localhost")
         self.sender = FluentSender(target.servicename, host=host, port=target.port or 24224,
-                                   timeout=timeout, buffer_overflow_handler=self._overflow)
+                                   timeout=timeout, buffer_overflow_handler=self._overflow,
+                                   nanosecond_precision=True)
         self.queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize)
         self.dropped = 0
         self._reported = 0
@@ -133,7 +134,7 @@ class Fluent:
         try:
             data = {"level": record.levelname, "component": getattr(record, "component", ""),
                     "message": record.getMessage()}
-            self.sender.emit_with_time(None, int(record.created), data)
+            self.sender.emit_with_time(None, record.created, data)
         except Exception:  # noqa: BLE001 - fluentd must never take the service down
             self.dropped += 1
 

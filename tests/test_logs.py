@@ -179,3 +179,22 @@ def test_repeat_thinning_applies_once_per_record_for_all_handlers(tmp_path: Path
     for _ in range(4):
         logging.getLogger("akvvm.sync").warning("same trouble")
     assert len(read(tmp_path)) == 3
+
+
+def test_fluentd_records_carry_sub_second_time(tmp_path: Path) -> None:
+    """Records reach the forward receiver with tag, level, component and an exact time."""
+    from tests.standins.fluentd import FluentdStandin
+
+    receiver = FluentdStandin().start()
+    try:
+        host, port = receiver.endpoint.removeprefix("tcp://").split(":")
+        logs.setup(str(tmp_path), "Service", LoggingTarget("svc", host=host, port=int(port)))
+        before = time.time()
+        logging.getLogger("akvvm.sync").warning("one")
+        record = receiver.wait_for(1)[0]
+    finally:
+        logs.shutdown()
+        receiver.stop()
+    assert record.tag == "svc"
+    assert record.record == {"level": "WARNING", "component": "Sync", "message": "one"}
+    assert before - 0.01 <= record.time <= time.time() and record.time != int(record.time)
