@@ -35,6 +35,7 @@ log = logging.getLogger("akvvm.keyvault")
 SDK_RETRY = {"retry_total": 1, "retry_status": 0, "retry_connect": 1, "retry_read": 1}
 CONNECTION_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
+WARM_WAIT_S = 1.0
 
 ROLE_HINT = (
     "The VM's managed identity needs the 'Key Vault Secrets User' role on vault {vault} "
@@ -128,14 +129,18 @@ class Vaults:
 
     def _get(self, cert: ObservedCertificate) -> KeyVaultSecret:
         entry = self._client(cert)
-        if not entry.warm:
-            # The first request to a vault carries the 401 challenge; let one thread do it so
-            # that parallel workers don't each send an unauthenticated request.
-            with entry.lock:
-                try:
-                    return entry.client.get_secret(cert.secret_name, cert.version)
-                finally:
-                    entry.warm = True
+        # The first request to a vault carries the 401 challenge: let one thread do it, so that
+        # parallel workers don't each send an unauthenticated request. The others wait for it
+        # at most WARM_WAIT_S, so a slow first certificate cannot hold the rest back.
+        if not entry.warm and entry.lock.acquire(timeout=WARM_WAIT_S):
+            try:
+                if not entry.warm:
+                    try:
+                        return entry.client.get_secret(cert.secret_name, cert.version)
+                    finally:
+                        entry.warm = True
+            finally:
+                entry.lock.release()
         return entry.client.get_secret(cert.secret_name, cert.version)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -312,3 +313,24 @@ def test_listing_replaces_gets_when_cheaper(azure_env: dict[str, str], imds: Imd
     assert [r.outcome for r in rotated].count(Outcome.INSTALLED) == 1
     assert rotated[3].version == new
     assert kv.count() == 2  # one listing page, one GET for the rotated certificate
+
+
+def test_slow_certificate_does_not_hold_back_the_others(vaults: Vaults, kv: KeyVaultStandin,
+                                                        tmp_path: Path) -> None:
+    """While one vault answer hangs, the other certificates are installed."""
+    for name in ("slow", "a", "b"):
+        kv.add_certificate(name, make_chain())
+    kv.fault("slow", "delay", seconds=4.0)
+    store = tmp_path / "store"
+    done: list[list[CertResult]] = []
+    worker = threading.Thread(
+        target=lambda: done.append(sync.sync(settings(kv, store, "slow", "a", "b"), vaults, NOW)))
+    worker.start()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and not all(
+            (store / f"localhost.{n}").exists() for n in ("a", "b")):
+        time.sleep(0.05)
+    assert worker.is_alive()  # "slow" is still waiting for its answer
+    assert (store / "localhost.a").exists() and (store / "localhost.b").exists()
+    worker.join(10)
+    assert [r.outcome for r in done[0]] == [Outcome.INSTALLED] * 3
