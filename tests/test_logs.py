@@ -64,6 +64,8 @@ def test_timestamps_are_utc(tmp_path: Path) -> None:
 def test_log_file_is_private_and_rotates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The log is born 0600 and rotates into numbered files of bounded size."""
     monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
+    (tmp_path / "akvvm_service.log").write_text("from an older version\n")
+    (tmp_path / "akvvm_service.log").chmod(0o644)
     logs.setup(str(tmp_path), "Service")
     for n in range(200):
         logging.getLogger().info("line %d %s", n, "x" * 50)
