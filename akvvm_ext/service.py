@@ -201,14 +201,15 @@ class Service:
         """New settings (and new vault clients when the identity changed); old ones on error."""
         try:
             fresh = self._load_settings()
+            fresh_vaults = (vaults if fresh.identity == settings.identity
+                            else self._make_vaults(fresh))
         except Exception as err:  # noqa: BLE001 - a bad reload keeps the last good settings
             log.error("reload failed, keeping the last good settings: %s", err)
             return settings, vaults
         log.info("settings reloaded: %d observed certificate(s)", len(fresh.observed))
-        if fresh.identity == settings.identity:
-            return fresh, vaults
-        _close(vaults)
-        return fresh, self._make_vaults(fresh)
+        if fresh_vaults is not vaults:
+            _close(vaults)
+        return fresh, fresh_vaults
 
 
 class _Attempts:
@@ -221,6 +222,7 @@ class _Attempts:
         self.results: list[CertResult] = []
 
     def next(self, retryable: Callable[[CertResult], bool]) -> list[CertResult]:
+        """The first call syncs everything; later ones merge in a re-sync of the failed."""
         if not self.results:
             self.results = self.run(self.settings, self.vaults)
             return self.results

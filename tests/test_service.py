@@ -253,3 +253,26 @@ def test_failed_reload_keeps_the_last_good_settings() -> None:
         wait_until(lambda: len(fake.calls) == 2, timeout=3)
     assert fake.calls[1][1] == ("a",)
 
+
+
+def test_reload_whose_new_identity_fails_keeps_everything() -> None:
+    """If clients for a new identity cannot be built, the old settings and clients stay."""
+    current = [settings("a")]
+    fake, made = FakeSync(), []
+
+    def make_vaults(s: Settings) -> Vaults:
+        if s.identity.msi_client_id:
+            raise RuntimeError("no such identity")
+        made.append(Vaults(s))
+        return made[-1]
+
+    svc = Service(lambda: current[0], make_vaults, Recorder(), sync=fake, rand=lambda: 0.5,
+                  backoff_scale=1.0)
+    with running(svc):
+        wait_until(lambda: len(fake.calls) == 1)
+        current[0] = settings("a", "b", identity=Identity(msi_client_id="1" * 8))
+        svc.request_reload()
+        wait_until(lambda: len(fake.calls) == 2, timeout=3)
+        assert not made[0].closed
+    assert fake.calls[1][1] == ("a",)
+    assert len(made) == 1 and made[0].closed  # closed when run ends
