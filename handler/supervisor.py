@@ -55,6 +55,10 @@ class ServiceSpec:
         return os.path.join(self.state_dir, "akvvm_service.pid")
 
     @property
+    def environment_file(self) -> str:
+        return os.path.join(self.state_dir, "akvvm_service.env")
+
+    @property
     def argv(self) -> list[str]:
         return [os.path.join(self.extension_dir, "bin", "akvvm"), "service",
                 "--config", self.config_path]
@@ -109,28 +113,26 @@ def choose(environ: Mapping[str, str], marker: str = SYSTEMD_MARKER, unit_dir: s
     return Daemon()
 
 
-# --- systemd -------------------------------------------------------------------------------
-
-
 def _word(arg: str) -> str:
     """One word of a systemd command line: quoted; `\\`, `"`, `%` and `$` escaped."""
-    return _assignment(arg).replace("$", "$$")
+    return '"' + _escaped(arg).replace("%", "%%").replace("$", "$$") + '"'
 
 
-def _assignment(text: str) -> str:
-    """A quoted `Environment=` value: no `$` expansion there, only specifiers (`%`)."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'"{escaped}"'
+def _escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def unit_text(spec: ServiceSpec) -> str:
     """The unit file for `spec` (template beside this module); ExecStart follows upgrades."""
     with open(UNIT_TEMPLATE, encoding="utf-8") as handle:
         template = handle.read()
-    return template.format(
-        exec_start=" ".join(_word(a) for a in spec.argv),
-        environment="".join(f"Environment={_assignment(f'{k}={v}')}\n"
-                            for k, v in spec.environment))
+    return template.format(exec_start=" ".join(_word(a) for a in spec.argv),
+                           environment_file=spec.environment_file.replace("%", "%%"))
+
+
+def environment_text(spec: ServiceSpec) -> str:
+    """The unit's EnvironmentFile: the unit is world-readable, a proxy URL may hold a password."""
+    return "".join(f'{k}="{_escaped(v)}"\n' for k, v in spec.environment)
 
 
 class Systemd:
@@ -150,9 +152,10 @@ class Systemd:
         return done
 
     def install(self, spec: ServiceSpec) -> bool:
-        text = unit_text(spec)
-        if read_text(self.unit_path) == text:
+        text, env = unit_text(spec), environment_text(spec)
+        if read_text(self.unit_path) == text and read_text(spec.environment_file) == env:
             return False
+        write_atomic(spec.environment_file, env.encode(), 0o600)
         write_atomic(self.unit_path, text.encode(), 0o644)
         self._systemctl("daemon-reload")
         log.info("Service unit %s written", self.unit_path)
@@ -177,9 +180,6 @@ class Systemd:
         if os.path.lexists(self.unit_path):
             os.unlink(self.unit_path)
             self._systemctl("daemon-reload", check=False)
-
-
-# --- detached daemon -----------------------------------------------------------------------
 
 
 class Daemon:

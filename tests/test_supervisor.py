@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -87,20 +88,30 @@ class Recorder:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_unit_file_passes_systemd_analyze_verify(spec, tmp_path):
-    """The generated unit is valid for systemd, including quoted paths and proxy variables."""
+    """The generated unit is valid for systemd, including quoted paths."""
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
-    odd = ServiceSpec(spec.extension_dir, spec.state_dir, spec.log_dir,
-                      (("HTTPS_PROXY", "http://u:p%40ss@127.0.0.1:3128"), ("NO_PROXY", "a b")))
-    Systemd(str(unit_dir), Recorder()).install(odd)
+    Systemd(str(unit_dir), Recorder()).install(spec)
     unit = unit_dir / supervisor.UNIT_NAME
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     text = unit.read_text()
     assert f'ExecStart="{spec.extension_dir}/bin/akvvm" "service"' in text
-    assert 'Environment="HTTPS_PROXY=http://u:p%%40ss@127.0.0.1:3128"' in text
+    assert f"EnvironmentFile=-{spec.state_dir}/akvvm_service.env" in text
     assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
+
+
+def test_proxy_settings_go_to_a_private_environment_file(spec, tmp_path):
+    """The world-readable unit never holds a proxy URL; the 0600 EnvironmentFile does."""
+    odd = ServiceSpec(spec.extension_dir, spec.state_dir, spec.log_dir,
+                      (("HTTPS_PROXY", "http://u:p%40ss@127.0.0.1:3128"), ("NO_PROXY", 'a "b"')))
+    Systemd(str(tmp_path), Recorder()).install(odd)
+    assert "p%40ss" not in unit_file(tmp_path)
+    env_file = os.path.join(spec.state_dir, "akvvm_service.env")
+    assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
+    assert open(env_file).read() == (
+        'HTTPS_PROXY="http://u:p%40ss@127.0.0.1:3128"\nNO_PROXY="a \\"b\\""\n')
 
 
 def test_systemd_install_is_idempotent_and_reloads_once(spec, tmp_path):
@@ -113,6 +124,9 @@ def test_systemd_install_is_idempotent_and_reloads_once(spec, tmp_path):
     moved = ServiceSpec(str(tmp_path / "ext-3.1.1"), spec.state_dir, spec.log_dir)
     assert unit.install(moved) is True
     assert str(tmp_path / "ext-3.1.1" / "bin" / "akvvm") in unit_file(tmp_path)
+    proxied = ServiceSpec(moved.extension_dir, spec.state_dir, spec.log_dir,
+                          (("HTTPS_PROXY", "http://127.0.0.1:3128"),))
+    assert unit.install(proxied) is True
 
 
 def unit_file(folder) -> str:
