@@ -91,6 +91,9 @@ def install(ctx: Context) -> str:
         raise MissingDependency(f"python modules missing: {', '.join(missing)}",
                                 "The extension package is incomplete for this python; "
                                 "reinstall the extension or install the modules.")
+    if not _importable("posix1e") and shutil.which("setfacl") is None:
+        log.warning("Neither pylibacl nor setfacl found: certificates with `acls` will report an "
+                    "error until the acl package is installed")
     environment.ensure_state_dir(ctx.env)
     return f"install: prerequisites present (python {sys.version.split()[0]})"
 

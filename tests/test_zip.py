@@ -96,6 +96,7 @@ def test_zip_has_code_schema_and_vendored_dependencies_only(archive):
     names = archive.namelist()
     assert "akvvm_ext/settings_schema.json" in names and "handler/lifecycle.py" in names
     assert "bin/akvvm" in names and "bin/_python" in names
+    assert "handler/akvvm_service.service" in names  # the unit template
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n
                 or n.endswith(".pyc")]
     for machine in ("x86_64", "aarch64"):
