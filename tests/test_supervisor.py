@@ -227,3 +227,18 @@ def test_daemon_that_never_comes_up_is_an_error(spec):
         handle.write("#!/bin/sh\nexit 3\n")
     with pytest.raises(supervisor.SupervisorError, match="did not start"):
         Daemon(start_timeout=1).restart(spec)
+
+
+def test_a_service_ignoring_sigterm_is_killed_after_the_stop_timeout(spec):
+    """stop escalates to SIGKILL when SIGTERM is ignored, and leaves no process behind."""
+    launcher = os.path.join(spec.extension_dir, "bin", "akvvm")
+    source = FAKE_SERVICE.format(python=sys.executable).replace(
+        "signal.signal(signal.SIGTERM, term)", "signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    with open(launcher, "w") as handle:
+        handle.write(source)
+    daemon = Daemon(start_timeout=10, stop_timeout=0.5)
+    daemon.restart(spec)
+    started = time.monotonic()
+    daemon.stop(spec)
+    assert time.monotonic() - started < 5
+    assert service_pids(spec) == [] and not daemon.is_running(spec)
