@@ -252,9 +252,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache", default=os.path.join(ROOT, "build", "vendor"),
                         help="wheel download cache")
     parser.add_argument("--targets", default="", help="e.g. cp311-x86_64,cp312-aarch64 (all)")
+    parser.add_argument("--download-only", action="store_true",
+                        help="only fill the wheel cache (a setup step, so later builds and the "
+                             "tests that build need no network)")
     args = parser.parse_args(argv)
     wanted = [t for t in all_targets() if not args.targets or t.tag in args.targets.split(",")]
     started = time.monotonic()
+    if args.download_only:
+        reqs = requirements()
+        found = wheels_by_target(os.path.join(args.cache, digest(reqs)), wanted, reqs)
+        print(f"wheels cached for {len(found)} of {len(wanted)} targets")
+        return 0
     path = build(args.version, args.out, wanted, args.cache)
     size = os.path.getsize(path) / 1e6
     print(f"{os.path.relpath(path)}: {size:.1f} MB in {time.monotonic() - started:.1f} s")
