@@ -110,7 +110,8 @@ def _importable(name: str) -> bool:
 
 def enable(ctx: Context) -> str:
     """Validate the settings, then make the service run them; cheap when nothing changed."""
-    if not os.path.exists(os.path.join(ctx.env.status_dir, f"{ctx.seq}.status")):
+    reported = os.path.exists(os.path.join(ctx.env.status_dir, f"{ctx.seq}.status"))
+    if not reported:
         report_starting(ctx)
     raw = settings_file.read(ctx.env.config_dir, ctx.seq, ctx.env.lib_dir)
     settings = parse(raw)  # SettingsError: the running service keeps its last good config
@@ -119,7 +120,7 @@ def enable(ctx: Context) -> str:
     environment.ensure_state_dir(ctx.env)
     with lifecycle_lock(ctx.env.state_dir):
         _remove(os.path.join(ctx.env.state_dir, UPDATE_MARKER))
-        action = _apply(ctx, config_document(ctx, raw))
+        action = _apply(ctx, config_document(ctx, raw), reported)
     write_atomic(os.path.join(ctx.env.state_dir, "last_seq"), f"{ctx.seq}\n".encode(), 0o600)
     return (f"enable seq {ctx.seq}: {len(settings.observed)} observed certificate(s), "
             f"{ctx.supervisor.kind} service {action}")
@@ -140,22 +141,26 @@ def config_document(ctx: Context, raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def decide(old: Mapping[str, Any] | None, new: Mapping[str, Any], redefined: bool,
-           running: bool) -> Action:
-    """Restart when what the service does changed; reload when only where it reports changed."""
+           running: bool, reported: bool = True) -> Action:
+    """Restart when what the service does changed; reload when only where it reports changed.
+    An unchanged config whose status file was missing also restarts: the running service
+    rewrites its status only when the content changes."""
     if old is None or redefined or not running or _material(old) != _material(new):
         return "restart"
-    return "unchanged" if dict(old) == dict(new) else "reload"
+    if dict(old) != dict(new):
+        return "reload"
+    return "unchanged" if reported else "restart"
 
 
 def _material(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("seq", "statusFolder")}
 
 
-def _apply(ctx: Context, new: dict[str, Any]) -> Action:
+def _apply(ctx: Context, new: dict[str, Any], reported: bool) -> Action:
     spec = ctx.spec
     old = _load_json(spec.config_path)
     redefined = ctx.supervisor.install(spec)
-    action = decide(old, new, redefined, ctx.supervisor.is_running(spec))
+    action = decide(old, new, redefined, ctx.supervisor.is_running(spec), reported)
     if action == "unchanged":
         return action
     report_starting(ctx)

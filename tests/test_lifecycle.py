@@ -89,17 +89,19 @@ def tree(tmp_path):
             os.kill(int(entry), signal.SIGKILL)
 
 
-@pytest.mark.parametrize(("old", "new", "redefined", "running", "action"), [
-    (None, {"seq": 1}, False, False, "restart"),
-    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, False, True, "unchanged"),
-    ({"seq": 1, "settings": 1}, {"seq": 2, "settings": 1}, False, True, "reload"),
-    ({"seq": 1, "settings": 1}, {"seq": 2, "settings": 2}, False, True, "restart"),
-    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, False, False, "restart"),
-    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, True, True, "restart"),
+@pytest.mark.parametrize(("old", "new", "redefined", "running", "reported", "action"), [
+    (None, {"seq": 1}, False, False, False, "restart"),
+    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, False, True, True, "unchanged"),
+    ({"seq": 1, "settings": 1}, {"seq": 2, "settings": 1}, False, True, False, "reload"),
+    ({"seq": 1, "settings": 1}, {"seq": 2, "settings": 2}, False, True, True, "restart"),
+    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, False, False, True, "restart"),
+    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, True, True, True, "restart"),
+    ({"seq": 1, "settings": 1}, {"seq": 1, "settings": 1}, False, True, False, "restart"),
 ])
-def test_decide(old, new, redefined, running, action):
-    """Restart only when what the service does changed; reload when only the seq moved."""
-    assert lifecycle.decide(old, new, redefined, running) == action
+def test_decide(old, new, redefined, running, reported, action):
+    """Restart only when what the service does changed (or its status file vanished); reload
+    when only the seq moved."""
+    assert lifecycle.decide(old, new, redefined, running, reported) == action
 
 
 def test_enable_writes_a_private_config_and_starts_the_service(tree):
