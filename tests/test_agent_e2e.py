@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,28 @@ import pytest
 from handler import supervisor
 from tests.standins.certfactory import PEM, make_chain
 from tests.standins.waagent import ExtensionSpec, WaagentRunner
-from tests.test_standin_waagent import DEPENDENT, _ops, _zip
 from tests.test_zip import ISOLATED_PATH, built_zip
 
 NAME = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
 STATE = f"{NAME}.State"
+DEPENDENT = "Test.Standin.Dependent"
+TESTPKG = Path(__file__).resolve().parent / "standins" / "testpkg"  # records its commands
+
+
+def dependent_zip(folder: Path) -> Path:
+    """The stand-ins' trivial test extension, zipped: it logs each command with a timestamp."""
+    path = folder / "dependent.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(TESTPKG.rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(TESTPKG).as_posix())
+    return path
+
+
+def commands_of(runner: WaagentRunner, name: str) -> list[list[str]]:
+    """The test extension's `ops.log`: one [op, version, ..., at=<epoch>] per command."""
+    log = runner.ext_log_dir(name) / "ops.log"
+    return [line.split() for line in log.read_text().splitlines()]
 
 
 def our_services(marker: str) -> list[int]:
@@ -157,7 +175,7 @@ def test_uninstall_stops_the_service_and_keeps_certificates(vm):
 
 def test_require_initial_sync_holds_the_dependent_extension(vm, tmp_path):
     """With requireInitialSync, a dependent extension starts only after the certificate is in."""
-    vm.runner.add_package(_zip(tmp_path, "1.0.0"), name=DEPENDENT, version="1.0.0")
+    vm.runner.add_package(dependent_zip(tmp_path), name=DEPENDENT, version="1.0.0")
     vm.kv.fault("web", "forbidden", times=3)
     dependent = ExtensionSpec(DEPENDENT, "1.0.0", dependency_level=1)
     report = vm.deploy(vm.settings(["web"]), extra=[dependent])
@@ -165,7 +183,7 @@ def test_require_initial_sync_holds_the_dependent_extension(vm, tmp_path):
     assert report.handler(NAME).extension.status == "success"
     assert report.handler(DEPENDENT).extension.status == "success"
     installed_at = (vm.store / f"localhost.web.{vm.kv.versions('web')[-1]}").stat().st_mtime
-    dependent_install = _ops(vm.runner, DEPENDENT)[0]
+    dependent_install = commands_of(vm.runner, DEPENDENT)[0]
     assert dependent_install[0] == "install"
     assert float(dependent_install[-1][3:]) >= installed_at
     assert vm.kv.count("web", status=403) == 3
