@@ -100,9 +100,10 @@ class Rig:
 
     def service(self, config: Path, scale: str) -> subprocess.Popen[bytes]:
         env = {**self.env, "AKVVM_BACKOFF_SCALE": scale}
-        return subprocess.Popen([sys.executable, "-m", "handler.service_main", "service",
-                                 "--config", str(config)], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(config.parent / "stderr.txt", "wb") as stderr:
+            return subprocess.Popen([sys.executable, "-m", "handler.cli", "service",
+                                     "--config", str(config)], env=env, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def populate(kv: KeyVaultStandin, count: int) -> None:
@@ -116,9 +117,11 @@ def initial_sync(rig: Rig, count: int, latency: float) -> dict[str, Any]:
     """Ours (`service --once`: start to the last link in place) vs the bare SDK, sequential."""
     rig.kv.latency = latency
     config, store = rig.config(count)
-    ours = rig.timed([sys.executable, "-m", "handler.service_main", "service", "--config",
+    ours = rig.timed([sys.executable, "-m", "handler.cli", "service", "--config",
                       str(config), "--once"])
     links = sum(1 for p in store.iterdir() if p.is_symlink())
+    if links != count:
+        raise RuntimeError(f"initial sync installed {links} of {count} certificates")
     bare = rig.timed([sys.executable, "-c", BARE, rig.kv.url, str(count)])
     rig.kv.latency = 0.0
     return {"n": count, "latency_ms": latency * 1000, "ours_s": round(ours, 3),
