@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE := tests/.cache
 
-.PHONY: test lint typecheck pytest demo zip bench docs sysdeps venv waagent clean
+.PHONY: test lint typecheck pytest demo zip bench docs sysdeps venv waagent vendor clean
 
 test: venv waagent docs-check lint typecheck pytest
 
@@ -32,7 +32,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv waagent
+# Wheels the zip vendors, downloaded before the tests so no test waits on a registry.
+vendor: venv
+	$(PY) build/make_zip.py --download-only
+
+pytest: venv waagent vendor
 	$(PY) -m pytest -q
 
 docs: venv
@@ -45,7 +49,7 @@ docs-check: venv
 zip: venv
 	$(PY) build/make_zip.py
 
-demo: venv zip
+demo: venv waagent zip
 	$(PY) -m tests.demo
 
 bench: venv
