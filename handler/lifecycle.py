@@ -22,7 +22,7 @@ from typing import Any, Literal
 from akvvm_ext import acl
 from akvvm_ext.errors import AkvvmError
 from akvvm_ext.settings import parse
-from handler import environment, settings_file, status
+from handler import environment, grants, settings_file, status
 from handler.environment import EXTENSION_NAME, Environment, write_atomic
 from handler.supervisor import ServiceSpec, Supervisor, spec_for
 
@@ -34,7 +34,6 @@ REQUIRED_MODULES = ("cryptography", "jsonschema", "azure.identity", "azure.keyva
 STARTING = "Starting Key Vault extension service"
 LOCK_TIMEOUT_S = 120.0
 UPDATE_MARKER = "updating.json"
-ACL_GRANTS = "acl_grants.json"
 UPDATING_FROM = "AZURE_GUEST_AGENT_UPDATING_FROM_VERSION"
 Action = Literal["unchanged", "reload", "restart"]
 
@@ -214,24 +213,12 @@ def uninstall(ctx: Context) -> str:
 
 
 def revert_ancestor_grants(state_dir: str) -> None:
-    """Take back the traversal ACLs the service added to store ancestors (`acl_grants.json`:
-    a list of [path, kind, id]); the grants on the certificates themselves stay with them."""
-    records = _load_json_list(os.path.join(state_dir, ACL_GRANTS))
-    grants = [acl.TraversalGrant(str(r[0]), str(r[1]), int(r[2])) for r in records
-              if isinstance(r, list) and len(r) == 3 and str(r[2]).isdigit()]
+    """Take back the traversal ACLs the service added to store ancestors (the grants ledger);
+    the grants on the certificates themselves stay with them."""
     try:
-        acl.revert(grants)
+        acl.revert(grants.load(state_dir))
     except AkvvmError as err:
         log.warning("could not revert ancestor ACL grants: %s", err)
-
-
-def _load_json_list(path: str) -> list[Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return []
-    return data if isinstance(data, list) else []
 
 
 def _successor(env: Environment) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -21,11 +22,11 @@ from typing import Any
 
 from akvvm_ext import backoff, logs
 from akvvm_ext.errors import AkvvmError
+from akvvm_ext.model import CertResult, Settings
 from akvvm_ext.model import Outcome as CertOutcome
-from akvvm_ext.model import Settings
 from akvvm_ext.service import Service
 from akvvm_ext.settings import parse
-from handler import status
+from handler import grants, status
 
 log = logging.getLogger("akvvm.main")
 STOP_GRACE_S = 0.7  # SIGTERM to exit stays under a second even when a sync is in flight
@@ -146,6 +147,13 @@ class Clients:
 make_vaults = Clients  # the factory the Service gets (tests replace it)
 
 
+def _sync_pass(state_dir: str) -> Callable[[Settings, Any, datetime], list[CertResult]]:
+    """The engine's sync, recording ancestor ACL grants in the state dir for uninstall."""
+    from akvvm_ext.sync import sync
+
+    return functools.partial(sync, record_grants=grants.recorder(state_dir))
+
+
 def once(config: Config, scale: float) -> int:
     """One sync pass, a summary line per certificate on stdout; 1 when any failed."""
     from akvvm_ext.sync import sync
@@ -186,7 +194,7 @@ def serve(config_path: str, config: Config, scale: float) -> Outcome:
         reporter = status.StatusReporter(config.status_dir, config.seq)
         loader = _Loader(config_path, config, reporter)
         service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
-                          backoff_scale=scale)
+                          sync=_sync_pass(state_dir), backoff_scale=scale)
         previous = signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
         pidfile = os.path.join(state_dir, PID_NAME)
         _write_pid(pidfile)
