@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE := tests/.cache
 
-.PHONY: test lint typecheck pytest demo zip bench docs sysdeps venv waagent vendor clean
+.PHONY: test lint typecheck pytest demo zip bench docs sysdeps venv waagent vendor npm clean
 
 test: venv waagent docs-check lint typecheck pytest
 
@@ -36,7 +36,14 @@ typecheck: venv
 vendor: venv
 	$(PY) build/make_zip.py --download-only
 
-pytest: venv waagent vendor
+# The independent fluentd implementation (@fluent-org/logger) for the forward-protocol cross-check.
+npm: $(CACHE)/npm/node_modules/.package-lock.json
+$(CACHE)/npm/node_modules/.package-lock.json: tests/fluent_cross/package.json tests/fluent_cross/package-lock.json | sysdeps
+	@mkdir -p $(CACHE)/npm
+	cp tests/fluent_cross/package.json tests/fluent_cross/package-lock.json $(CACHE)/npm/
+	npm ci --prefix $(CACHE)/npm --no-audit --no-fund --loglevel=error
+
+pytest: venv waagent vendor npm
 	$(PY) -m pytest -q
 
 docs: venv

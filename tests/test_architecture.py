@@ -21,9 +21,10 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_engine_modules_exist() -> None:
-    """The engine package is where the architecture test looks."""
-    assert len(ENGINE) >= 3
+def test_scan_covers_the_engine() -> None:
+    """The scans below read the modules that make up the engine (not an empty or moved tree)."""
+    names = {path.stem for path in ENGINE}
+    assert {"settings", "chain", "store", "sync", "service", "keyvault", "identity"} <= names
 
 
 def test_engine_never_imports_handler() -> None:
