@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.standins.package import zip_testpkg
 from tests.standins.waagent import AGENT_VERSION, ExtensionSpec, WaagentRunner
 
-TESTPKG = Path(__file__).resolve().parent / "standins" / "testpkg"
 BASE = "Test.Standin.Base"
 DEPENDENT = "Test.Standin.Dependent"
 
 
 def _zip(tmp_path: Path, version: str) -> Path:
     """The test package (tests/standins/testpkg) as a zip, the way Azure publishes handlers."""
-    path = tmp_path / f"testpkg-{version}.zip"
-    with zipfile.ZipFile(path, "w") as archive:
-        for file in sorted(TESTPKG.rglob("*")):
-            if file.is_file():
-                archive.write(file, file.relative_to(TESTPKG).as_posix())
-    return path
+    return zip_testpkg(tmp_path / f"testpkg-{version}.zip")
 
 
 def _ops(runner: WaagentRunner, name: str) -> list[list[str]]:
