@@ -1,12 +1,16 @@
 """Where the extension lives on the VM: HandlerEnvironment.json, the extension, lib and state dirs,
-the handler version and the sequence number of the settings to act on; small state-file I/O.
+the handler version and the sequence number of the settings to act on; the machine it runs on;
+small state-file I/O. Stdlib only (with akvvm_ext.errors): `python3 -m handler` relies on it to
+report a missing dependency.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import platform
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +24,9 @@ HANDLER_ENVIRONMENT = "HandlerEnvironment.json"
 PATH_VARIABLE = "AZURE_GUEST_AGENT_EXTENSION_PATH"
 VERSION_VARIABLE = "AZURE_GUEST_AGENT_EXTENSION_VERSION"
 SEQ_VARIABLE = "ConfigSequenceNumber"
+SUPPORTED_MACHINES = ("x86_64", "aarch64")  # the machines the zip vendors wheels for
+EXIT_UNSUPPORTED_OS = 51
+EXIT_MISSING_DEPENDENCY = 52
 _SETTINGS_FILE = re.compile(r"^(\d+)\.settings$")
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
 
@@ -151,11 +158,16 @@ def read_text(path: str) -> str:
         return ""
 
 
+def remove_file(path: str) -> None:
+    """Delete a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def write_atomic(path: str, data: bytes, mode: int) -> None:
     """Temp file born with its final mode in the same dir, fsync, rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    remove_file(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)
@@ -182,3 +194,52 @@ def newer_versions(env: Environment) -> list[str]:
         if _VERSION.match(version) and version_key(version) > mine and os.path.isdir(path):
             found.append(path)
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Host:
+    """The machine and interpreter, as far as the vendored wheels care."""
+
+    system: str  # sys.platform
+    machine: str  # uname -m
+    libc: str  # "glibc 2.36"; "" when not glibc (musl, ...)
+    python: str
+
+    def __str__(self) -> str:
+        return f"{self.machine}, {self.libc or 'no glibc'}, Python {self.python}"
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why the package cannot bring its dependencies for this machine, if it cannot."""
+        if not self.system.startswith("linux"):
+            return f"the operating system is {self.system!r}, not Linux"
+        if self.machine not in SUPPORTED_MACHINES:
+            return f"the machine is {self.machine}, not x86_64 or aarch64"
+        if not self.libc.startswith("glibc"):
+            return "the C library is not glibc"
+        return None
+
+
+def this_host() -> Host:
+    """The running machine: `uname -m`, the C library, the python version."""
+    libc, libc_version = platform.libc_ver()
+    return Host(sys.platform, platform.machine(),
+                f"{libc} {libc_version}" if libc == "glibc" else "",
+                platform.python_version())
+
+
+def import_failure(err: BaseException, host: Host) -> tuple[str, int]:
+    """The sentence for a dependency that does not import, and the exit code: 51 where the
+    package has no dependencies for the machine, else 52."""
+    name = getattr(err, "name", None) or "a dependency"
+    detail = str(err)[:300]
+    problem = host.unsupported
+    if problem:
+        return (f"Unsupported machine: {problem} ({host}); the python module {name} cannot be "
+                f"imported ({detail}). KeyVaultForLinux supports Linux on x86_64 and aarch64 "
+                "with glibc.", EXIT_UNSUPPORTED_OS)
+    return (f"Missing dependency: the python module {name} cannot be imported ({detail}) on "
+            f"this machine ({host}). The package brings its dependencies for CPython "
+            "3.10-3.13 on x86_64 and aarch64 with glibc: use one of those pythons "
+            "(AKVVM_PYTHON), reinstall the extension, or install the module.",
+            EXIT_MISSING_DEPENDENCY)

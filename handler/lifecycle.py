@@ -23,7 +23,7 @@ from akvvm_ext import acl
 from akvvm_ext.errors import AkvvmError
 from akvvm_ext.settings import parse
 from handler import environment, grants, settings_file, status
-from handler.environment import EXTENSION_NAME, Environment, write_atomic
+from handler.environment import EXTENSION_NAME, Environment, remove_file, write_atomic
 from handler.supervisor import ServiceSpec, Supervisor, spec_for
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,12 @@ class LifecycleError(AkvvmError):
 
 class UnsupportedOS(LifecycleError):
     code = "UNSUPPORTED_OS"
-    exit_code = 51
+    exit_code = environment.EXIT_UNSUPPORTED_OS
 
 
 class MissingDependency(LifecycleError):
     code = "MISSING_DEPENDENCY"
-    exit_code = 52
+    exit_code = environment.EXIT_MISSING_DEPENDENCY
 
 
 @dataclass(frozen=True)
@@ -76,25 +76,29 @@ class Context:
 
 def install(ctx: Context) -> str:
     """Check prerequisites (Linux, python3 >= 3.10, openssl, the vendored modules)."""
-    if not sys.platform.startswith("linux"):
-        raise UnsupportedOS(f"unsupported operating system {sys.platform!r}",
+    host = environment.this_host()
+    if not host.system.startswith("linux"):
+        raise UnsupportedOS(f"unsupported operating system {host.system!r}",
                             "KeyVaultForLinux runs on Linux only.")
     if sys.version_info < MIN_PYTHON:
-        raise MissingDependency(f"python {sys.version.split()[0]} is too old",
+        raise MissingDependency(f"python {host.python} is too old",
                                 "Install python3 3.10 or newer.")
     if shutil.which("openssl") is None:
         raise MissingDependency("openssl not found on PATH",
                                 "Install the openssl package (apt-get/tdnf install openssl).")
     missing = [name for name in REQUIRED_MODULES if not _importable(name)]
     if missing:
-        raise MissingDependency(f"python modules missing: {', '.join(missing)}",
-                                "The extension package is incomplete for this python; "
+        found = f"python modules missing: {', '.join(missing)} ({host})"
+        if host.unsupported:
+            raise UnsupportedOS(f"{found}: {host.unsupported}",
+                                "KeyVaultForLinux supports x86_64 and aarch64 with glibc.")
+        raise MissingDependency(found, "The extension package is incomplete for this python; "
                                 "reinstall the extension or install the modules.")
     if not _importable("posix1e") and shutil.which("setfacl") is None:
         log.warning("Neither pylibacl nor setfacl found: certificates with `acls` will report an "
                     "error until the acl package is installed")
     environment.ensure_state_dir(ctx.env)
-    return f"install: prerequisites present (python {sys.version.split()[0]})"
+    return f"install: prerequisites present ({host})"
 
 
 def _importable(name: str) -> bool:
@@ -118,9 +122,8 @@ def enable(ctx: Context) -> str:
         log.info("Settings: %s", note)
     environment.ensure_state_dir(ctx.env)
     with lifecycle_lock(ctx.env.state_dir):
-        _remove(os.path.join(ctx.env.state_dir, UPDATE_MARKER))
+        remove_file(os.path.join(ctx.env.state_dir, UPDATE_MARKER))
         action = _apply(ctx, config_document(ctx, raw), reported)
-    write_atomic(os.path.join(ctx.env.state_dir, "last_seq"), f"{ctx.seq}\n".encode(), 0o600)
     return (f"enable seq {ctx.seq}: {len(settings.observed)} observed certificate(s), "
             f"{ctx.supervisor.kind} service {action}")
 
@@ -267,10 +270,6 @@ def _load_json(path: str) -> dict[str, Any] | None:
         return None
     return data if isinstance(data, dict) else None
 
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 OPERATIONS: dict[str, Callable[[Context], str]] = {

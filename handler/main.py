@@ -57,6 +57,9 @@ def _run(operation: str, ctx: Context) -> int:
         return _fail(operation, status_dir, seq, str(err), err.exit_code)
     except AkvvmError as err:
         return _fail(operation, status_dir, seq, str(err), EXIT_FAILED)
+    except ImportError as err:  # a dependency imported late, e.g. a .so that does not load
+        message, code = environment.import_failure(err, environment.this_host())
+        return _fail(operation, status_dir, seq, message, code)
     except Exception as err:  # the last line: a status instead of a bare traceback
         log.exception("%s failed unexpectedly", operation)
         message = (f"{operation} failed unexpectedly ({type(err).__name__}); "

@@ -4,7 +4,6 @@ detached daemon (new session, stdio to a log, pidfile and lock held by the servi
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from akvvm_ext.errors import AkvvmError
-from handler.environment import read_text, write_atomic
+from handler.environment import read_text, remove_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +218,7 @@ class Daemon:
     def stop(self, spec: ServiceSpec) -> None:
         pid = self.pid(spec)
         if pid is None:
-            _remove(spec.pidfile)  # stale: its process is gone or is not ours
+            remove_file(spec.pidfile)  # stale: its process is gone or is not ours
             return
         os.kill(pid, signal.SIGTERM)
         if not self._wait(lambda: not _alive(pid), self.stop_timeout):
@@ -228,7 +227,7 @@ class Daemon:
             os.kill(pid, signal.SIGKILL)
             self._wait(lambda: not _alive(pid), 5.0)
         if read_text(spec.pidfile).strip() == str(pid):
-            _remove(spec.pidfile)
+            remove_file(spec.pidfile)
         log.info("Service pid %d stopped", pid)
 
     def is_running(self, spec: ServiceSpec) -> bool:
@@ -236,7 +235,7 @@ class Daemon:
 
     def remove(self, spec: ServiceSpec) -> None:
         self.stop(spec)
-        _remove(os.path.join(spec.state_dir, "akvvm_service.definition"))
+        remove_file(os.path.join(spec.state_dir, "akvvm_service.definition"))
 
     def pid(self, spec: ServiceSpec) -> int | None:
         """The pid in the pidfile, if that process is alive and is our service."""
@@ -291,7 +290,3 @@ def _alive(pid: int) -> bool:
         return False
     return state not in (b"Z", b"X")
 
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.standins.certfactory import PEM, make_chain
 from tests.standins.imds import ImdsStandin
 from tests.standins.keyvault import KeyVaultStandin
 from tests.standins.waagent import AgentReport, ExtensionSpec, WaagentRunner
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
@@ -41,15 +41,6 @@ def ls(folder: Path) -> None:
         target = f" -> {os.readlink(path)}" if path.is_symlink() else ""
         stamp = datetime.fromtimestamp(info.st_mtime).strftime("%H:%M:%S")
         print(f"    {stat.filemode(info.st_mode)} {info.st_size:6d} {stamp} {path.name}{target}")
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def zip_path() -> Path:
@@ -134,7 +125,7 @@ def rotate(kv: KeyVaultStandin, store: Path) -> None:
     say("Rotating 'web' in the vault (a new version, as a renewal makes one)")
     version = kv.add_certificate("web", make_chain(cn="www.example.test"))
     started = time.monotonic()
-    moved = wait_for(lambda: os.readlink(link) != before, timeout=30)
+    moved = wait_until(lambda: os.readlink(link) != before, timeout=30, interval=0.1)
     print(f"    localhost.web: {before}\n                -> {os.readlink(link)}"
           f"  ({'moved' if moved else 'NOT moved'} after {time.monotonic() - started:.1f} s;"
           f" pollingIntervalInS is 2)")

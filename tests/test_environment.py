@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from handler import environment
-from handler.environment import EXTENSION_NAME, HandlerEnvironmentError
+from handler.environment import EXTENSION_NAME, HandlerEnvironmentError, Host
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_ext(lib: str, version: str = "3.1.0", handler_env: object | None = None) -> str:
@@ -120,3 +125,54 @@ def test_newer_versions_compare_numerically(tmp_path):
     env = environment.load({"AZURE_GUEST_AGENT_EXTENSION_PATH": ext})
     assert [os.path.basename(p) for p in environment.newer_versions(env)] == [
         f"{EXTENSION_NAME}-3.10.0"]
+
+
+def test_the_dependency_guard_imports_the_standard_library_only():
+    """`python3 -m handler` must import its guard (environment, supervisor) with no site-packages:
+    that is how it reports a missing dependency instead of a traceback."""
+    probe = ("import sys\n"
+             f"sys.path.insert(0, {REPO!r})\n"
+             "import handler.__main__\n"
+             "ours = ('handler', 'akvvm_ext', '__main__')\n"
+             "foreign = sorted(n for n in sys.modules if n.split('.')[0] not in ours\n"
+             "                 and n.split('.')[0] not in sys.stdlib_module_names)\n"
+             "try:\n"
+             "    import handler.main\n"
+             "    print('handler.main imported without site-packages')\n"
+             "except ImportError:\n"
+             "    pass\n"
+             "print(foreign)\n")
+    done = subprocess.run([sys.executable, "-S", "-s", "-c", probe], capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(("host", "unsupported"), [
+    (Host("linux", "x86_64", "glibc 2.35", "3.10.12"), None),
+    (Host("linux", "aarch64", "glibc 2.39", "3.12.3"), None),
+    (Host("linux", "ppc64le", "glibc 2.35", "3.10.12"), "not x86_64 or aarch64"),
+    (Host("linux", "x86_64", "", "3.12.1"), "not glibc"),
+    (Host("freebsd14", "amd64", "", "3.11.6"), "not Linux"),
+])
+def test_unsupported_hosts_are_those_without_vendored_wheels(host, unsupported):
+    """Linux on x86_64/aarch64 with glibc is supported; other machines and musl are not."""
+    assert (host.unsupported is None) if unsupported is None else (unsupported in host.unsupported)
+
+
+def test_an_import_failure_is_52_on_a_supported_host_and_51_elsewhere():
+    """The sentence names the module and the machine; the exit code follows the host."""
+    err = ModuleNotFoundError("No module named 'fluent'", name="fluent")
+    message, code = environment.import_failure(err, Host("linux", "x86_64", "glibc 2.36", "3.11.2"))
+    assert code == 52
+    assert "fluent" in message and "x86_64, glibc 2.36, Python 3.11.2" in message
+    message, code = environment.import_failure(err, Host("linux", "s390x", "glibc 2.36", "3.11.2"))
+    assert code == 51
+    assert "fluent" in message and "s390x" in message
+
+
+def test_this_host_describes_the_running_machine():
+    """uname -m and the python version of this process."""
+    host = environment.this_host()
+    assert host.machine == platform.machine()
+    assert host.python == platform.python_version()

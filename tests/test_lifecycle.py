@@ -11,13 +11,16 @@ import signal
 import stat
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import pytest
 
-from handler import lifecycle, supervisor
-from handler.environment import EXTENSION_NAME
+from handler import __main__ as entry_point
+from handler import lifecycle, status, supervisor
+from handler.environment import EXTENSION_NAME, Host
 from handler.main import main
 from tests.test_supervisor import FAKE_SERVICE
+from tests.waiting import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"secretsManagementSettings": {
@@ -118,18 +121,25 @@ def test_enable_writes_a_private_config_and_starts_the_service(tree):
 
 
 def test_enable_again_changes_nothing(tree):
-    """The same seq and settings: same pid, status file and config untouched (cheap re-run)."""
+    """The same seq and settings: same pid, status file untouched, no file of the state dir
+    written (enable runs on every goal state: it must cost no disk write)."""
     tree.settings(1, GOOD)
     tree.run("enable", 1)
     pid = tree.pid()
     status_file = os.path.join(tree.ext, "status", "1.status")
     with open(status_file, "w") as handle:  # what the service would have reported by now
         json.dump([{"status": {"status": "success"}}], handle)
-    before = os.stat(os.path.join(tree.state, "config.json")).st_mtime_ns
+    before = state_files(tree)
     assert tree.run("enable", 1) == 0
     assert tree.pid() == pid
     assert json.load(open(status_file))[0]["status"]["status"] == "success"
-    assert os.stat(os.path.join(tree.state, "config.json")).st_mtime_ns == before
+    assert state_files(tree) == before
+
+
+def state_files(tree) -> dict[str, tuple[int, int]]:
+    """Every file of the state dir with its inode and mtime."""
+    found = {name: os.stat(os.path.join(tree.state, name)) for name in os.listdir(tree.state)}
+    return {name: (info.st_ino, info.st_mtime_ns) for name, info in found.items()}
 
 
 def test_new_seq_with_same_settings_reloads_without_restart(tree):
@@ -142,7 +152,7 @@ def test_new_seq_with_same_settings_reloads_without_restart(tree):
     assert tree.pid() == pid
     assert tree.config()["seq"] == 2
     assert tree.status(2)["status"] == "transitioning"
-    assert _wait(lambda: os.path.exists(os.path.join(tree.state, "hups")))
+    assert wait_until(lambda: os.path.exists(os.path.join(tree.state, "hups")))
 
 
 def test_changed_settings_restart_the_service_once(tree):
@@ -243,6 +253,43 @@ def test_install_without_openssl_exits_52_with_an_error_status(tree, monkeypatch
     assert "openssl" in tree.status(0)["formattedMessage"]["message"]
 
 
+def test_install_missing_modules_on_an_unsupported_machine_exits_51(tree, monkeypatch):
+    """No wheels for this machine (ppc64le here): unsupported OS, 51, the machine named."""
+    monkeypatch.setattr(lifecycle.environment, "this_host",
+                        lambda: Host("linux", "ppc64le", "glibc 2.35", "3.10.12"))
+    monkeypatch.setattr(lifecycle, "REQUIRED_MODULES", ("akvvm_no_such_module",))
+    assert tree.run("install", 0) == 51
+    message = tree.status(0)["formattedMessage"]["message"]
+    assert "akvvm_no_such_module" in message and "ppc64le" in message
+
+
+def test_a_module_failing_to_import_late_exits_52_naming_it(tree, monkeypatch):
+    """An ImportError inside a command (a lazily imported .so): 52 and the module named."""
+    def broken(ctx):
+        raise ModuleNotFoundError("No module named 'posix1e'", name="posix1e")
+    monkeypatch.setitem(lifecycle.OPERATIONS, "enable", broken)
+    assert tree.run("enable", 2) == 52
+    assert "posix1e" in tree.status(2)["formattedMessage"]["message"]
+
+
+def test_the_dependency_guard_writes_the_status_shape_and_disable_still_stops(tree):
+    """Without its dependencies the entry point writes an error status shaped like
+    handler.status's, and disable still stops a running service and exits 0."""
+    tree.settings(1, GOOD)
+    tree.run("enable", 1)
+    environ = {**tree.environ, "ConfigSequenceNumber": "2"}
+    err = ModuleNotFoundError("No module named 'fluent'", name="fluent")
+    assert entry_point.without_dependencies("enable", environ, err) == 52
+    written = json.load(open(os.path.join(tree.ext, "status", "2.status")))
+    reference = status.document("Enable", "error", "x", now=datetime.now(timezone.utc))
+    assert written[0].keys() == reference[0].keys()
+    assert written[0]["status"].keys() == reference[0]["status"].keys()
+    assert "fluent" in written[0]["status"]["formattedMessage"]["message"]
+    assert tree.pid() is not None
+    assert entry_point.without_dependencies("disable", environ, err) == 0
+    assert tree.pid() is None
+
+
 def test_install_with_prerequisites_succeeds(tree):
     """On this machine everything is there: exit 0 and the state dir exists."""
     assert tree.run("install", 0) == 0
@@ -266,12 +313,3 @@ def test_two_enables_at_once_start_one_service(tree):
                and supervisor.is_service_cmdline(supervisor.cmdline(int(e)), tree.spec)]
     assert running == [tree.pid()]
 
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True

@@ -13,6 +13,7 @@ import pytest
 
 from handler import supervisor
 from handler.supervisor import Daemon, ServiceSpec, Systemd
+from tests.waiting import wait_until
 
 FAKE_SERVICE = """#!{python}
 # Stand-in for bin/akvvm: behaves like the service towards the supervisor (pidfile, signals).
@@ -62,15 +63,6 @@ def service_pids(spec: ServiceSpec) -> list[int]:
 def hups(spec: ServiceSpec) -> int:
     path = os.path.join(spec.state_dir, "hups")
     return open(path).read().count("hup") if os.path.exists(path) else 0
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Recorder:
@@ -174,7 +166,7 @@ def test_daemon_starts_detached_reloads_and_stops(spec):
     assert os.getsid(pid) != os.getsid(0)
     assert open(os.path.join(spec.state_dir, "env")).read() == "http://127.0.0.1:3128"
     daemon.reload(spec)
-    assert wait_for(lambda: hups(spec) == 1)
+    assert wait_until(lambda: hups(spec) == 1)
     daemon.stop(spec)
     assert not daemon.is_running(spec)
     assert service_pids(spec) == []

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 
 import pytest
 
@@ -40,9 +41,12 @@ def built_zip(version: str | None = None, local_only: bool = False) -> str:
     return os.path.join(out, name)
 
 
-def unpack_like_the_agent(zip_path: str, target: str) -> str:
-    """What waagent does: ZipFile.extractall (modes and links dropped), then u+x on every file."""
-    zipfile.ZipFile(zip_path).extractall(target)
+def unpack_like_the_agent(zip_path: str, target: str,
+                          keep: Callable[[str], bool] = lambda name: True) -> str:
+    """What waagent does: ZipFile.extractall (modes and links dropped), then u+x on every file.
+    `keep` leaves entries out (a package damaged on purpose, or smaller to unpack)."""
+    archive = zipfile.ZipFile(zip_path)
+    archive.extractall(target, [name for name in archive.namelist() if keep(name)])
     for folder, _, files in os.walk(target):
         for name in files:
             path = os.path.join(folder, name)
@@ -204,3 +208,87 @@ def test_unpacked_service_once_installs_from_the_standins(unpacked, kv, imds, tm
     link = tmp_path / "store" / "localhost.web"
     assert os.readlink(link) == f"localhost.web.{version}"
     assert b"PRIVATE KEY" in link.read_bytes()
+
+
+def agent_layout(ext: str, tmp_path) -> str:
+    """HandlerEnvironment.json and config/ as the agent writes them; returns the status dir."""
+    folders = {"logFolder": str(tmp_path / "log"), "configFolder": os.path.join(ext, "config"),
+               "statusFolder": os.path.join(ext, "status")}
+    with open(os.path.join(ext, "HandlerEnvironment.json"), "w") as handle:
+        json.dump([{"name": "Microsoft.Azure.KeyVault.KeyVaultForLinux", "version": 1.0,
+                    "handlerEnvironment": folders}], handle)
+    os.makedirs(folders["configFolder"], exist_ok=True)
+    return folders["statusFolder"]
+
+
+def run_script(ext: str, operation: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """A lifecycle script as the agent runs it: cwd = extension dir, the system python3."""
+    return subprocess.run([os.path.join(ext, "bin", operation)], cwd=ext, timeout=60, text=True,
+                          capture_output=True,
+                          env=isolated_env(AZURE_GUEST_AGENT_EXTENSION_PATH=ext, **extra))
+
+
+def error_status(status_dir: str, seq: int) -> dict:
+    with open(os.path.join(status_dir, f"{seq}.status")) as handle:
+        document = json.load(handle)
+    assert document[0]["version"] == 1.0 and document[0]["timestampUTC"].endswith("Z")
+    status = document[0]["status"]
+    assert status["status"] == "error"
+    assert status["name"] == "Microsoft.Azure.KeyVault.KeyVaultForLinux"
+    assert set(status["formattedMessage"]) == {"lang", "message"}
+    return status
+
+
+def test_without_vendored_dependencies_install_and_enable_exit_52_naming_the_module(tmp_path):
+    """No vendor/ (no wheels for this machine): exit 52 with an error status naming the missing
+    module and the machine, no traceback; disable still exits 0."""
+    ext = unpack_like_the_agent(built_zip(), str(tmp_path / "ext"),
+                                keep=lambda name: not name.startswith("vendor/"))
+    status_dir = agent_layout(ext, tmp_path)
+    (tmp_path / "ext" / "config" / "3.settings").write_text("{}")
+    for operation, seq in (("install", 3), ("enable", 4)):
+        extra = {"ConfigSequenceNumber": "4"} if seq == 4 else {}
+        done = run_script(ext, operation, **extra)
+        assert done.returncode == 52, done.stderr
+        assert "Traceback" not in done.stderr
+        status = error_status(status_dir, seq)  # seq 3: the newest settings file
+        assert status["operation"] == operation.capitalize()
+        message = status["formattedMessage"]["message"]
+        module = message.split("the python module ")[1].split()[0]
+        assert platform.machine() in message and "Python 3." in message
+        probe = subprocess.run(["python3", "-s", "-c", f"import {module}"],
+                               env=isolated_env(PYTHONPATH=ext), capture_output=True)
+        assert probe.returncode != 0, f"{module} imports: the message names the wrong module"
+    assert run_script(ext, "disable", ConfigSequenceNumber="5").returncode == 0
+    assert not os.path.exists(os.path.join(status_dir, "5.status"))
+
+
+def test_a_broken_shared_library_is_a_missing_dependency(tmp_path):
+    """A vendored .so that does not load (wrong glibc, damaged): exit 52, the module named."""
+    machine = platform.machine()
+    ext = unpack_like_the_agent(
+        built_zip(), str(tmp_path / "ext"),
+        keep=lambda name: not name.startswith("vendor/") or machine in name.split("/")[1]
+        or name.startswith("vendor/any/"))
+    status_dir = agent_layout(ext, tmp_path)
+    library = os.path.join(ext, "vendor", machine, "cryptography", "hazmat", "bindings",
+                           "_rust.abi3.so")
+    with open(library, "wb") as handle:
+        handle.write(b"not an ELF file")
+    done = run_script(ext, "enable", ConfigSequenceNumber="1")
+    assert done.returncode == 52, done.stderr
+    assert "cryptography" in error_status(status_dir, 1)["formattedMessage"]["message"]
+
+
+def test_lifecycle_scripts_ignore_a_handler_package_where_the_caller_stands(unpacked, tmp_path):
+    """bin/<op> run from another directory never imports a `handler/` found there."""
+    (tmp_path / "handler").mkdir()
+    (tmp_path / "handler" / "__init__.py").write_text("raise SystemExit(99)\n")
+    (tmp_path / "handler" / "__main__.py").write_text("raise SystemExit(99)\n")
+    ext = tmp_path / "lib" / "Microsoft.Azure.KeyVault.KeyVaultForLinux-3.1.0"
+    ext.mkdir(parents=True)
+    agent_layout(str(ext), tmp_path)
+    done = subprocess.run([os.path.join(unpacked, "bin", "install")], cwd=tmp_path, timeout=60,
+                          env=isolated_env(AZURE_GUEST_AGENT_EXTENSION_PATH=str(ext)),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
