@@ -7,6 +7,7 @@ Reaches nothing outside 127.0.0.0/8; stops only the service it started; removes 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -43,8 +44,11 @@ def ls(folder: Path) -> None:
         print(f"    {stat.filemode(info.st_mode)} {info.st_size:6d} {stamp} {path.name}{target}")
 
 
-def zip_path() -> Path:
-    """dist/KeyVaultForLinux-<version>.zip (`make demo` builds it first; built here if missing)."""
+def zip_path(given: str | None = None) -> Path:
+    """The zip to deploy: `--zip PATH`, else dist/KeyVaultForLinux-<version>.zip (`make demo`
+    builds it first; built here if missing)."""
+    if given:
+        return Path(given).resolve()
     found = sorted((REPO / "dist").glob("KeyVaultForLinux-*.zip"))
     if not found:
         subprocess.run([sys.executable, str(REPO / "build" / "make_zip.py")], check=True)
@@ -75,7 +79,7 @@ def leaf(path: Path) -> str:
     return " / ".join(done.stdout.split("\n")[:2]).strip()
 
 
-def demo(root: Path, kv: KeyVaultStandin, imds: ImdsStandin) -> None:
+def demo(root: Path, kv: KeyVaultStandin, imds: ImdsStandin, package: Path) -> None:
     say(f"Stand-ins on loopback: Key Vault {kv.url}, IMDS {imds.url}")
     kv.add_certificate("web", make_chain(cn="www.example.test"))
     kv.add_certificate("api", make_chain(key_type="ec", cn="api.example.test"), content_type=PEM)
@@ -84,7 +88,6 @@ def demo(root: Path, kv: KeyVaultStandin, imds: ImdsStandin) -> None:
     runner = WaagentRunner(root / "vm", env={
         "PATH": "/usr/bin:/bin", "AKVVM_SUPERVISOR": "daemon", "REQUESTS_CA_BUNDLE": kv.ca_path,
         "NO_PROXY": "127.0.0.1,localhost"})
-    package = zip_path()
     version = package.stem.rpartition("-")[2]
     runner.add_package(package, name=NAME, version=version)
     store = root / "store"
@@ -167,14 +170,19 @@ def running_services(runner: WaagentRunner) -> list[int]:
             and supervisor.is_service_cmdline(supervisor.cmdline(int(p)), spec)]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.demo",
+                                     description="`make demo` (SPEC 8); see tests/demo.py")
+    parser.add_argument("--zip", help="the extension zip to deploy (default: dist/, built "
+                        "if missing)")
+    package = zip_path(parser.parse_args(argv).zip)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="akvvm-demo-") as tmp:
         root = Path(tmp)
         os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = "http://127.0.0.1:9"  # never real IMDS
         try:
             with ImdsStandin() as imds, KeyVaultStandin(accept_token=imds.token_issued) as kv:
-                demo(root, kv, imds)
+                demo(root, kv, imds, package)
         finally:
             state = root / "vm/var/lib/waagent" / STATE
             supervisor.Daemon().stop(supervisor.ServiceSpec("", str(state), ""))
@@ -183,4 +191,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
