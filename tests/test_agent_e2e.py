@@ -82,11 +82,12 @@ class Deployment:
         return {"secretsManagementSettings": sms,
                 "authenticationSettings": {"msiEndpoint": f"{self.imds.url}/metadata/identity"}}
 
-    def deploy(self, public, version: str = "3.1.0", state: str = "enabled", extra=()):
+    def deploy(self, public, version: str = "3.1.0", state: str = "enabled", extra=(),
+               protected=None):
         """A new goal state (next seq); one agent pass, then passes until a terminal status."""
         self.seq += 1
         self.runner.set_goal_state([ExtensionSpec(NAME, version, state=state, seq=self.seq,
-                                                  public=public), *extra])
+                                                  public=public, protected=protected), *extra])
         self.runner.run()
         if state != "enabled":
             return None
