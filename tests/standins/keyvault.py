@@ -12,6 +12,7 @@ API (thread-safe):
       .requests -> [(method, path, status)] (status 0: reset) / .count(name=None, method="GET",
           status=None) / .reset_counters()
 No bearer token: 401 with the `WWW-Authenticate: Bearer authorization=…, resource=…` challenge.
+Error bodies, list pages and the fault queue are in `kvwire`; this module keeps the vault.
 """
 
 from __future__ import annotations
@@ -23,13 +24,25 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tests.standins.certfactory import PEM, PKCS12, Chain, to_kv_pem, to_pfx
+from tests.standins.kvwire import (
+    FAULT_KINDS,
+    Fault,
+    FaultQueue,
+    challenge,
+    disabled,
+    error,
+    not_found,
+    page,
+    secret_name,
+)
 from tests.standins.tls import LoopbackServer, Reply, json_reply, run_ca
 
+__all__ = ["FAULT_KINDS", "TENANT", "KeyVaultStandin"]
+
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-FAULT_KINDS = ("forbidden", "throttle", "server_error", "delay", "reset", "malformed")
 
 
 @dataclass
@@ -47,17 +60,6 @@ class _Version:
     chain: Chain | None = None
 
 
-@dataclass
-class _Fault:
-    name: str | None
-    kind: str
-    times: int
-    status: int | None = None
-    retry_after: int | None = None
-    seconds: float = 0.0
-    inner: str = "ForbiddenByRbac"
-
-
 class KeyVaultStandin:
     """A vault on loopback; see the module docstring for the API."""
 
@@ -72,7 +74,7 @@ class KeyVaultStandin:
         self._clock = clock
         self._lock = threading.RLock()
         self._secrets: dict[str, list[_Version]] = {}
-        self._faults: list[_Fault] = []
+        self._faults = FaultQueue()
         self._ca = run_ca()
         self._server = LoopbackServer(self, self._ca.server_context(), port)
 
@@ -162,15 +164,11 @@ class KeyVaultStandin:
               retry_after: int | None = None, seconds: float = 0.0,
               inner: str = "ForbiddenByRbac") -> None:
         """Script `times` faulty answers to authenticated requests for `name` (None: any)."""
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
-        with self._lock:
-            self._faults.append(_Fault(name and name.lower(), kind, times, status,
-                                       retry_after, seconds, inner))
+        self._faults.add(Fault(name and name.lower(), kind, times, status, retry_after, seconds,
+                               inner))
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def count(self, name: str | None = None, method: str = "GET", status: int | None = None) -> int:
         """Requests seen for secret `name` (None: all), by method and optionally status."""
@@ -182,14 +180,6 @@ class KeyVaultStandin:
     def reset_counters(self) -> None:
         with self._lock:
             self.requests.clear()
-
-    def _take_fault(self, name: str | None) -> _Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.times > 0 and fault.name in (None, name):
-                    fault.times -= 1
-                    return fault
-        return None
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
@@ -203,11 +193,11 @@ class KeyVaultStandin:
         parts = urlsplit(target)
         reply = self._authenticate(headers)
         if reply is None:
-            fault = self._take_fault(secret_name(parts.path))
+            fault = self._faults.take(secret_name(parts.path))
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
             elif fault is not None:
-                reply = fault_reply(fault.kind, fault.status, fault.retry_after, fault.inner)
+                reply = fault.reply()
                 if reply is None:
                     self._record(method, parts.path, 0)
                     return None
@@ -280,77 +270,3 @@ class KeyVaultStandin:
         if v.managed:
             item["managed"] = True
         return item
-
-
-# The wire: bodies and headers as Key Vault writes them.
-_NOT_FOUND = ("A secret with (name/id) {} was not found in this key vault. If you recently deleted "
-              "this secret you may be able to recover it using the correct recovery command. For "
-              "help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
-_FORBIDDEN = ("Caller is not authorized to perform action on resource.\r\nIf role assignments, "
-              "deny assignments or role definitions were changed recently, please observe "
-              "propagation time.\r\nAction: 'Microsoft.KeyVault/vaults/secrets/getSecret/action'")
-_THROTTLED = ("Request was not processed because too many requests were received. "
-              "Reason: VaultRequestTypeLimitReached")
-_SERVER = {500: ("InternalServerError", "The service encountered an internal error."),
-           503: ("ServiceUnavailable", "The service is temporarily unavailable.")}
-
-
-def error(status: int, code: str, message: str, inner: str | None = None,
-          headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-    detail: dict[str, Any] = {"code": code, "message": message}
-    if inner:
-        detail["innererror"] = {"code": inner}
-    return json_reply(status, {"error": detail}, headers)
-
-
-def challenge(tenant: str, message: str) -> Reply:
-    value = (f'Bearer authorization="https://login.microsoftonline.com/{tenant}", '
-             'resource="https://vault.azure.net"')
-    return error(401, "Unauthorized", message, headers=(("WWW-Authenticate", value),))
-
-
-def not_found(name: str) -> Reply:
-    return error(404, "SecretNotFound", _NOT_FOUND.format(name))
-
-
-def disabled() -> Reply:
-    return error(403, "Forbidden", "Operation get is not allowed on a disabled secret.",
-                 "SecretDisabled")
-
-
-def fault_reply(kind: str, status: int | None, retry_after: int | None, inner: str) -> Reply | None:
-    """The reply a scripted fault sends (None: reset the connection)."""
-    if kind == "forbidden":
-        return error(status or 403, "Forbidden", _FORBIDDEN, inner)
-    if kind == "throttle":
-        after = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
-        return error(status or 429, "Throttled", _THROTTLED, headers=after)
-    if kind == "server_error":
-        code, message = _SERVER.get(status or 500, _SERVER[500])
-        return error(status or 500, code, message)
-    if kind == "malformed":
-        return Reply(200, b'{"value": "MIIK')
-    return None
-
-
-def page(items: list[dict[str, Any]], query: dict[str, list[str]], page_size: int,
-         link_base: str) -> Reply:
-    """One page of a list, with an absolute nextLink when more remain."""
-    size = int(query.get("maxresults", [str(page_size)])[0])
-    if not 1 <= size <= 25:
-        return error(400, "BadParameter", "The value of maxresults must be between 1 and 25.")
-    token = (query.get("$skiptoken") or [""])[0]
-    start = int(base64.urlsafe_b64decode(token + "==").decode() or 0) if token else 0
-    document: dict[str, Any] = {"value": items[start:start + size], "nextLink": None}
-    if start + size < len(items):
-        skip = base64.urlsafe_b64encode(str(start + size).encode()).decode().rstrip("=")
-        api = (query.get("api-version") or ["7.5"])[0]
-        params = urlencode({"api-version": api, "$skiptoken": skip, "maxresults": size})
-        document["nextLink"] = f"{link_base}?{params}"
-    return json_reply(200, document)
-
-
-def secret_name(path: str) -> str | None:
-    """The secret a request path names (lower case), None for the list of all secrets."""
-    segments = path.split("/")
-    return segments[2].lower() if len(segments) > 2 and segments[1] == "secrets" else None
