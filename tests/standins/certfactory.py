@@ -9,6 +9,7 @@ API:
     secret_value(chain, content_type) -> str (the `value` Key Vault returns for the secret)
     unrelated_cert() -> x509.Certificate     (self-signed, in no chain)
     cached_key(key_type, key_size, slot) -> private key (process-wide cache; keygen is slow)
+    key_pem(key) -> bytes / certificate_builder(subject, key, issuer, issuer_key, from, until)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PKCS12 = "application/x-pkcs12"
 PEM = "application/x-pem-file"
 _DAY = dt.timedelta(days=1)
+CA_USAGE = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,15 +53,20 @@ class Chain:
 
     def key_pem(self) -> bytes:
         """The leaf key as unencrypted PKCS#8 PEM."""
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return key_pem(self.key)
 
     def cert_pems(self) -> tuple[bytes, ...]:
         """Each certificate as PEM, leaf first."""
         return tuple(c.public_bytes(serialization.Encoding.PEM) for c in self.certs)
+
+
+def key_pem(key: PrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 @functools.cache
@@ -123,10 +130,11 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _builder(
+def certificate_builder(
     subject: x509.Name, key: PrivateKey, issuer: x509.Name, issuer_key: PrivateKey,
     not_before: dt.datetime, not_after: dt.datetime,
 ) -> x509.CertificateBuilder:
+    """Subject, issuer, validity, serial and key identifiers: what every certificate here has."""
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
     return (
         x509.CertificateBuilder()
@@ -145,11 +153,10 @@ def _ca_cert(
     subject: x509.Name, key: PrivateKey, issuer: x509.Name, issuer_key: PrivateKey,
     not_before: dt.datetime, not_after: dt.datetime,
 ) -> x509.Certificate:
-    usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
     builder = (
-        _builder(subject, key, issuer, issuer_key, not_before, not_after)
+        certificate_builder(subject, key, issuer, issuer_key, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .add_extension(usage, True)
+        .add_extension(CA_USAGE, True)
     )
     return builder.sign(issuer_key, hashes.SHA256())
 
@@ -161,7 +168,7 @@ def _leaf_cert(
     usage = x509.KeyUsage(True, False, True, False, False, False, False, False, False)
     eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     builder = (
-        _builder(_name(cn), key, issuer, issuer_key, not_before, not_after)
+        certificate_builder(_name(cn), key, issuer, issuer_key, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(usage, True)
         .add_extension(eku, False)

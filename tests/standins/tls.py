@@ -30,7 +30,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.standins.certfactory import PrivateKey, cached_key
+from tests.standins.certfactory import (
+    CA_USAGE,
+    PrivateKey,
+    cached_key,
+    certificate_builder,
+    key_pem,
+)
 
 _DAY = dt.timedelta(days=1)
 JSON = (("Content-Type", "application/json; charset=utf-8"),)
@@ -51,7 +57,6 @@ def json_reply(status: int, document: object, headers: tuple[tuple[str, str], ..
 
 class Responder(Protocol):
     def respond(self, method: str, target: str, headers: Any) -> Reply | None: ...
-_CA_USAGE = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,7 @@ class RunCA:
         cert_path, key_path = self.directory / "server.pem", self.directory / "server.key"
         key = cached_key("ec", 256, 50)
         cert_path.write_bytes(_server_cert(self, key).public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        key_path.write_bytes(key_pem(key))
         key_path.chmod(0o600)
         return str(cert_path), str(key_path)
 
@@ -98,31 +97,19 @@ def run_ca() -> RunCA:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stand-in Run CA")])
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
-        _base(name, name, key, now)
+        _base(name, key, name, key, now)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-        .add_extension(_CA_USAGE, True)
+        .add_extension(CA_USAGE, True)
         .sign(key, hashes.SHA256())
     )
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return RunCA(directory, cert, key)
 
 
-def _base(subject: x509.Name, issuer: x509.Name, key: PrivateKey, now: dt.datetime,
-          issuer_key: PrivateKey | None = None) -> x509.CertificateBuilder:
-    signer = issuer_key or key
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _DAY)
-        .not_valid_after(now + 30 * _DAY)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
-        )
-    )
+def _base(subject: x509.Name, key: PrivateKey, issuer: x509.Name, issuer_key: PrivateKey,
+          now: dt.datetime) -> x509.CertificateBuilder:
+    """Valid from a day ago for 30 days: the lifetime of one test run's certificates."""
+    return certificate_builder(subject, key, issuer, issuer_key, now - _DAY, now + 30 * _DAY)
 
 
 def _server_cert(ca: RunCA, key: PrivateKey) -> x509.Certificate:
@@ -133,7 +120,7 @@ def _server_cert(ca: RunCA, key: PrivateKey) -> x509.Certificate:
     ])
     now = dt.datetime.now(dt.timezone.utc)
     return (
-        _base(name, ca.cert.subject, key, now, issuer_key=ca.key)
+        _base(name, key, ca.cert.subject, ca.key, now)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(san, False)
