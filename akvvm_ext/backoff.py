@@ -1,12 +1,16 @@
-"""How long the service waits: initial-sync retries, Retry-After, in-cycle retries, poll jitter.
+"""How long the service waits: initial-sync retries and their deadline, Retry-After, retry passes
+of certificates that failed in a poll cycle (`Holds`), poll jitter.
 
-No I/O and no sleeping: randomness (`rand() -> [0, 1)`) and the scale come in as arguments; every
-delay is multiplied by `scale` (`AKVVM_BACKOFF_SCALE`, read once by the service's composition root).
+No I/O and no sleeping: time, randomness (`rand() -> [0, 1)`) and the scale come in as arguments;
+every delay is multiplied by `scale` (`AKVVM_BACKOFF_SCALE`, read once by the composition root).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from akvvm_ext.model import CertResult, Outcome
 
 SCALE_ENV = "AKVVM_BACKOFF_SCALE"
 
@@ -14,13 +18,15 @@ INITIAL_RETRIES = 25
 INITIAL_FIRST_S = 4.0
 INITIAL_FACTOR = 1.6
 INITIAL_CAP_S = 180.0
-INITIAL_BUDGET_S = 3600.0  # the error must reach the agent well before its 90-minute budget
+# No initial retry starts later than this after the first attempt, whatever the attempts and
+# Retry-After cost: the error reaches the agent ~25 min before its 90-minute goal-state budget.
+INITIAL_BUDGET_S = 3600.0
 JITTER_SHORTENS = 0.2  # initial delays are cut by up to 20%, never lengthened
 
 RETRY_AFTER_CAP_S = 300.0  # a server asking for more than this gets retried sooner anyway
-CYCLE_ATTEMPTS = 3  # attempts of a failing certificate within one poll cycle
-CYCLE_FIRST_S = 2.0
-CYCLE_CAP_S = 60.0
+CYCLE_ATTEMPTS = 3  # bench/fleet.py's model of retries per cycle; the service uses `Holds`
+CYCLE_FIRST_S = 2.0  # the first retry pass of a certificate that failed in a poll cycle
+CYCLE_MAX_DOUBLINGS = 40  # keeps 2**n finite; the polling interval caps the delay long before
 
 POLL_JITTER = 0.1  # each poll interval is the setting +/- 10%
 FIRST_POLL_SPREAD_CAP_S = 300.0
@@ -52,13 +58,22 @@ def initial_delay(retry: int, rand: Rand, scale: float = 1.0,
                   retry_after: float | None = None) -> float:
     """Seconds to wait before initial-sync retry number `retry` (1-based).
 
-    Jitter only shortens the nominal delay, so the 25 retries stay within the budget; a
-    server's Retry-After (capped) wins when it asks for longer. Past the schedule, its last.
+    Jitter only shortens the nominal delay; a server's Retry-After (capped) wins when it asks
+    for longer (then `initial_out_of_time` ends the retries early). Past the schedule, its last.
     """
     if retry < 1:
         raise ValueError(f"retry numbers start at 1, not {retry}")
     nominal = initial_schedule()[min(retry, INITIAL_RETRIES) - 1] * (1 - JITTER_SHORTENS * rand())
     return max(nominal, capped_retry_after(retry_after)) * scale
+
+
+def initial_out_of_time(elapsed_s: float, next_delay_s: float, scale: float = 1.0) -> bool:
+    """Whether the initial sync gives up now: the next retry would start past the budget.
+
+    `elapsed_s` is the wall-clock time since the first attempt (attempts included) and
+    `next_delay_s` the wait before the next retry, both as measured (already scaled).
+    """
+    return elapsed_s + next_delay_s > INITIAL_BUDGET_S * scale
 
 
 def capped_retry_after(retry_after: float | None) -> float:
@@ -69,15 +84,15 @@ def capped_retry_after(retry_after: float | None) -> float:
 
 
 def cycle_delay(attempt: int, rand: Rand, scale: float = 1.0,
-                retry_after: float | None = None) -> float:
-    """Seconds before retrying failed certificates inside one cycle, after attempt `attempt`.
+                retry_after: float | None = None, interval_s: float = math.inf) -> float:
+    """Seconds before the retry pass of a certificate that failed `attempt` times in a row.
 
-    Retry-After (capped) when the server gave one; otherwise exponential with full jitter.
+    Exponential from CYCLE_FIRST_S, doubling per failure, at most `interval_s`, with jitter that
+    shortens by up to half; never shorter than the server's Retry-After (capped).
     """
-    if retry_after is not None:
-        return capped_retry_after(retry_after) * scale
-    ceiling = min(CYCLE_CAP_S, CYCLE_FIRST_S * 2.0 ** max(attempt - 1, 0))
-    return rand() * ceiling * scale
+    doublings = min(max(attempt - 1, 0), CYCLE_MAX_DOUBLINGS)
+    ceiling = min(CYCLE_FIRST_S * 2.0**doublings, interval_s)
+    return max(capped_retry_after(retry_after), ceiling * (1 - 0.5 * rand())) * scale
 
 
 def poll_delay(interval_s: float, rand: Rand, scale: float = 1.0,
@@ -89,3 +104,72 @@ def poll_delay(interval_s: float, rand: Rand, scale: float = 1.0,
 def first_poll_offset(interval_s: float, rand: Rand, scale: float = 1.0) -> float:
     """A random offset before the first poll (when asked for), at most the interval or 5 min."""
     return rand() * min(interval_s, FIRST_POLL_SPREAD_CAP_S) * scale
+
+
+@dataclass(frozen=True)
+class Hold:
+    """No GET for a certificate before `not_before` (monotonic seconds).
+
+    `own_pass`: it gets a retry pass of its own then; else it waits for the first poll cycle
+    at or after that time.
+    """
+
+    not_before: float
+    own_pass: bool
+
+
+class Holds:
+    """When certificates that failed in poll cycles may be fetched again (SPEC 6).
+
+    A retryable failure holds the certificate for `cycle_delay` (its failures in a row counted):
+    a retry pass of its own when that comes before the next poll cycle, else (and once the
+    backoff has grown to the interval) the next cycle not sooner than its Retry-After. Success
+    or a permanent failure releases it.
+    """
+
+    def __init__(self, rand: Rand, scale: float = 1.0) -> None:
+        self._rand, self._scale = rand, scale
+        self._held: dict[str, Hold] = {}
+        self._failures: dict[str, int] = {}
+
+    def record(self, results: Sequence[CertResult], now: float, next_poll: float,
+               interval_s: float) -> None:
+        """Hold or release each certificate of a poll cycle or retry pass that ended at `now`."""
+        for result in results:
+            if result.outcome is not Outcome.FAILED or not result.retryable:
+                self._held.pop(result.url, None)
+                self._failures.pop(result.url, None)
+                continue
+            failures = self._failures[result.url] = self._failures.get(result.url, 0) + 1
+            at = now + cycle_delay(failures, self._rand, self._scale, result.retry_after,
+                                   interval_s)
+            grown = CYCLE_FIRST_S * 2.0 ** min(failures - 1, CYCLE_MAX_DOUBLINGS) >= interval_s
+            self._held[result.url] = (Hold(at, own_pass=True) if at < next_poll and not grown
+                                      else self._respect(result, now))
+
+    def respect(self, results: Sequence[CertResult], now: float) -> None:
+        """Only honour Retry-After (no retry pass): for failures the initial sync gave up on."""
+        for result in results:
+            if result.outcome is Outcome.FAILED and result.retry_after is not None:
+                self._held[result.url] = self._respect(result, now)
+
+    def _respect(self, result: CertResult, now: float) -> Hold:
+        return Hold(now + capped_retry_after(result.retry_after) * self._scale, own_pass=False)
+
+    def due(self, url: str, now: float, cycle: bool) -> bool:
+        """Whether a pass at `now` (a poll cycle when `cycle`) fetches `url`."""
+        hold = self._held.get(url)
+        if hold is None:
+            return cycle
+        return hold.not_before <= now and (cycle or hold.own_pass)
+
+    def next_wake(self, next_poll: float) -> float:
+        """The next poll cycle or the earliest retry pass, whichever comes first."""
+        return min([next_poll, *(h.not_before for h in self._held.values() if h.own_pass)])
+
+    def keep(self, urls: Collection[str]) -> None:
+        """Forget certificates no longer observed."""
+        for url in [u for u in self._held if u not in urls]:
+            del self._held[url]
+        for url in [u for u in self._failures if u not in urls]:
+            del self._failures[url]

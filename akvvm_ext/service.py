@@ -1,4 +1,12 @@
-"""The poll loop of `akvvm_service`: initial sync with retries, then one sync per polling interval.
+"""The poll loop of `akvvm_service`: initial sync with retries, then poll cycles and retry passes.
+
+Load on Key Vault (SPEC 6): a poll cycle GETs each observed certificate once, and a failure is
+never retried inside it. A retryable failure instead gets a retry pass for that certificate alone
+(`backoff.Holds`): never sooner than the server's Retry-After, else exponential backoff with
+jitter growing with each failure in a row, at most the polling interval; the retry pass is that
+certificate's cycle. So no certificate gets more than one GET per cycle or retry pass, nor one
+sooner than its Retry-After or backoff. The initial sync (requireInitialSync) retries on its own
+schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6).
 
 Settings, vault access, the sync pass, time, randomness and reporting come in as arguments; the
 loop waits only on the stop event, so a stop request ends it at once.
@@ -9,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
@@ -17,15 +25,13 @@ from typing import Any, Literal, Protocol
 import tenacity
 
 from akvvm_ext import backoff, logs
-from akvvm_ext.model import CertResult, Outcome, Settings
+from akvvm_ext.model import CertResult, ObservedCertificate, Outcome, Settings
 
 Phase = Literal["transitioning", "success", "error"]
 SyncPass = Callable[[Settings, Any, datetime], list[CertResult]]
 WAKE_S = 1.0  # longest single wait, so a reload request is seen within a second
 
 log = logging.getLogger("akvvm.service")
-GAVE_UP = (f"Gave up after {backoff.INITIAL_RETRIES} retries; the service keeps retrying "
-           "every polling interval.")
 
 
 class Reporter(Protocol):
@@ -47,9 +53,35 @@ def failing(results: Sequence[CertResult]) -> list[CertResult]:
     return [r for r in results if r.outcome is Outcome.FAILED]
 
 
-def _longest_retry_after(results: Sequence[CertResult]) -> float | None:
-    asked = [r.retry_after for r in results if r.retry_after is not None]
-    return max(asked) if asked else None
+def gave_up(retries: int) -> str:
+    """The error detail once the initial sync stops retrying."""
+    return (f"Gave up after {retries} retries; the service keeps retrying every polling "
+            "interval.")
+
+
+class Board:
+    """The latest result of each observed certificate, in settings order: what is reported."""
+
+    def __init__(self, observed: Sequence[ObservedCertificate],
+                 known: Mapping[ObservedCertificate, CertResult] | None = None) -> None:
+        self.observed = tuple(observed)
+        self._latest = {c: known[c] for c in self.observed if known and c in known}
+
+    def update(self, certs: Sequence[ObservedCertificate],
+               results: Sequence[CertResult]) -> None:
+        self._latest.update(zip(certs, results, strict=True))
+
+    def results(self) -> list[CertResult]:
+        return [self._latest[c] for c in self.observed if c in self._latest]
+
+    def missing(self) -> tuple[ObservedCertificate, ...]:
+        """The certificates with nothing installed (never synced, or failed before any version)."""
+        return tuple(c for c in self.observed
+                     if c not in self._latest or self._latest[c].version is None)
+
+    def carried(self, observed: Sequence[ObservedCertificate]) -> Board:
+        """A board for new settings keeping what is known of the certificates still observed."""
+        return Board(observed, self._latest)
 
 
 class Service:
@@ -60,19 +92,19 @@ class Service:
                  sync: SyncPass | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  rand: Callable[[], float] = random.random, backoff_scale: float = 1.0,
-                 spread_first_poll: bool = False) -> None:
-        self._load_settings = load_settings
-        self._make_vaults = make_vaults
-        self._reporter = reporter
-        self._sync = sync or _real_sync
-        self._clock = clock
-        self._rand = rand
-        self._scale = backoff_scale
-        self._spread = spread_first_poll
-        self._reload = threading.Event()
-        self._stop = threading.Event()
+                 spread_first_poll: bool = False,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._load_settings, self._make_vaults = load_settings, make_vaults
+        self._reporter, self._sync = reporter, sync or _real_sync
+        self._clock, self._rand, self._monotonic = clock, rand, monotonic
+        self._scale, self._spread = backoff_scale, spread_first_poll
+        self._reload, self._stop = threading.Event(), threading.Event()
         self.passes = 0
         self._failing: set[str] = set()
+        self._board = Board(())
+        self._holds = backoff.Holds(rand, backoff_scale)
+        self._phase: Phase = "success"
+        self._detail, self._next_poll = "", 0.0
 
     def request_reload(self) -> None:
         """Ask for a settings reload at the next wake-up (safe from a signal handler)."""
@@ -84,86 +116,105 @@ class Service:
         settings = self._load_settings()
         vaults = self._make_vaults(settings)
         try:
+            self._board = Board(settings.observed)
+            if self._spread:
+                self._sleep(backoff.first_poll_offset(settings.polling_interval_s, self._rand,
+                                                      self._scale))
+            self._next_poll = self._poll_at(settings)
+            self._initial(settings, vaults, first=True)
             while not stop.is_set():
-                self._reload.clear()
-                self._serve(settings, vaults)
+                self._poll(settings, vaults)
                 if self._reload.is_set() and not stop.is_set():
+                    self._reload.clear()
                     settings, vaults = self._reloaded(settings, vaults)
         finally:
             _close(vaults)
 
-    def _serve(self, settings: Settings, vaults: Any) -> None:
-        """Initial sync, then poll cycles, until stop or reload."""
-        if self._spread and self.passes == 0:
-            self._sleep(backoff.first_poll_offset(settings.polling_interval_s, self._rand,
-                                                  self._scale))
-        phase, results = self._initial(settings, vaults)
-        while not self._interrupted():
-            self._report(phase, results)
-            if self._sleep(backoff.poll_delay(settings.polling_interval_s, self._rand,
-                                              self._scale)):
-                return
-            results = self._cycle(settings, vaults)
-            if phase == "error" and not failing(results):
-                log.info("every certificate is installed now; recovered from the initial error")
-                phase = "success"
+    def _initial(self, settings: Settings, vaults: Any, *, first: bool) -> None:
+        """Sync what is not installed: once, or with the initial retries (SPEC 3.6)."""
+        targets = self._board.missing()
+        if settings.require_initial_sync:
+            self._phase = self._initial_retries(settings, vaults, targets)
+        else:
+            if first:
+                self._reporter.report("success", [], "")
+            self._cycle_pass(settings, vaults, targets)
+            self._phase = "success"
 
-    def _initial(self, settings: Settings, vaults: Any) -> tuple[Phase, list[CertResult]]:
-        """The first pass: plain when no initial sync is required, else retried (SPEC 3.6)."""
-        if not settings.require_initial_sync:
-            self._reporter.report("success", [], "")
-            return "success", self._cycle(settings, vaults)
-        results = self._retrying(
-            settings, vaults, backoff.INITIAL_RETRIES, retryable=lambda r: True,
-            wait=lambda n, rs: backoff.initial_delay(n, self._rand, self._scale,
-                                                     _longest_retry_after(rs)),
-            before_sleep=self._transitioning,
+    def _initial_retries(self, settings: Settings, vaults: Any,
+                         targets: Sequence[ObservedCertificate]) -> Phase:
+        """Retry only the failing until all are installed, 25 retries or the budget run out."""
+        pending = _Pending(targets, lambda certs: self._pass(settings, vaults, certs),
+                           self._interrupted)
+        started = self._monotonic()
+
+        def give_up(state: tenacity.RetryCallState) -> bool:  # 25 retries or the budget spent
+            return state.attempt_number > backoff.INITIAL_RETRIES or backoff.initial_out_of_time(
+                self._monotonic() - started, state.upcoming_sleep, self._scale)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda left: bool(left) and not self._interrupted()),
+            stop=give_up,
+            wait=lambda state: backoff.initial_delay(state.attempt_number, self._rand,
+                                                     self._scale,
+                                                     pending.retry_after()),
+            sleep=self._sleep, before_sleep=self._transitioning,
+            retry_error_callback=lambda state: pending.certs,
         )
-        if failing(results) and not self._interrupted():
-            log.error("initial sync failed for %d certificate(s) after %d retries",
-                      len(failing(results)), backoff.INITIAL_RETRIES)
-            return "error", results
-        return "success", results
+        if not retrying(pending.attempt):
+            return "success"
+        if self._interrupted():
+            return "transitioning"
+        self._holds.respect(pending.failed, self._monotonic())
+        self._detail = gave_up(pending.attempts - 1)
+        log.error("initial sync failed for %d certificate(s) after %d retries",
+                  len(pending.certs), pending.attempts - 1)
+        return "error"
 
-    def _transitioning(self, results: list[CertResult], retry: int, delay: float) -> None:
-        detail = f"Retry {retry} of {backoff.INITIAL_RETRIES} in {delay:.0f} s."
+    def _transitioning(self, state: tenacity.RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0.0
+        detail = f"Retry {state.attempt_number} of {backoff.INITIAL_RETRIES} in {delay:.0f} s."
+        results = self._board.results()
         log.info("initial sync: %d certificate(s) failing; %s", len(failing(results)), detail)
         self._reporter.report("transitioning", results, detail)
 
-    def _cycle(self, settings: Settings, vaults: Any) -> list[CertResult]:
-        """One poll cycle; retryable failures are retried a few times, the others not delayed."""
-        return self._retrying(
-            settings, vaults, backoff.CYCLE_ATTEMPTS - 1, retryable=lambda r: r.retryable,
-            wait=lambda n, rs: backoff.cycle_delay(n, self._rand, self._scale,
-                                                   _longest_retry_after(rs)),
-            before_sleep=None,
-        )
+    def _poll(self, settings: Settings, vaults: Any) -> None:
+        """Poll cycles and retry passes (module docstring) until stop or reload."""
+        while not self._interrupted():
+            if self._phase == "error" and not failing(self._board.results()):
+                log.info("every certificate is installed now; recovered from the initial error")
+                self._phase = "success"
+            self._report()
+            self._sleep(self._holds.next_wake(self._next_poll) - self._monotonic())
+            if self._interrupted():
+                return
+            cycle = self._monotonic() >= self._next_poll
+            if cycle:
+                self._next_poll = self._poll_at(settings)
+            now = self._monotonic()
+            self._cycle_pass(settings, vaults, [c for c in settings.observed
+                                                if self._holds.due(c.url, now, cycle)])
 
-    def _retrying(self, settings: Settings, vaults: Any, retries: int,
-                  retryable: Callable[[CertResult], bool],
-                  wait: Callable[[int, list[CertResult]], float],
-                  before_sleep: Callable[[list[CertResult], int, float], None] | None,
-                  ) -> list[CertResult]:
-        """A full pass, then up to `retries` passes over only the failed, retryable results."""
-        attempt = _Attempts(settings, vaults, self._pass, self._interrupted)
+    def _cycle_pass(self, settings: Settings, vaults: Any,
+                    certs: Sequence[ObservedCertificate]) -> None:
+        results = self._pass(settings, vaults, certs)
+        self._holds.record(results, self._monotonic(), self._next_poll,
+                           settings.polling_interval_s)
 
-        def worth_retrying(results: list[CertResult]) -> bool:
-            return not self._interrupted() and any(retryable(r) for r in failing(results))
-
-        def on_sleep(state: tenacity.RetryCallState) -> None:
-            if before_sleep is not None and state.next_action is not None:
-                before_sleep(attempt.results, state.attempt_number, state.next_action.sleep)
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_result(worth_retrying),
-            stop=tenacity.stop_after_attempt(1 + retries),
-            wait=lambda state: wait(state.attempt_number, failing(attempt.results)),
-            sleep=self._pause, before_sleep=on_sleep,
-            retry_error_callback=lambda state: attempt.results,
-        )
-        results: list[CertResult] = retrying(attempt.next, retryable)
-        self._note_recoveries(results)
+    def _pass(self, settings: Settings, vaults: Any,
+              certs: Sequence[ObservedCertificate]) -> list[CertResult]:
+        """One sync of `certs` (none: no call), merged into the board."""
+        if not certs:
+            return []
+        results = self._sync(replace(settings, observed=tuple(certs)), vaults, self._clock())
+        self.passes += 1
+        self._board.update(certs, results)
+        self._note_recoveries(self._board.results())
         return results
+
+    def _poll_at(self, settings: Settings) -> float:
+        return self._monotonic() + backoff.poll_delay(settings.polling_interval_s, self._rand,
+                                                      self._scale)
 
     def _note_recoveries(self, results: list[CertResult]) -> None:
         """Log a certificate that works again, and let its next failure log at once."""
@@ -173,31 +224,33 @@ class Service:
             log.info("%s: works again", url)
         self._failing = now_failing
 
-    def _pass(self, settings: Settings, vaults: Any) -> list[CertResult]:
-        results = self._sync(settings, vaults, self._clock())
-        self.passes += 1
-        return results
+    def _report(self) -> None:
+        self._reporter.report(self._phase, self._board.results(),
+                              self._detail if self._phase == "error" else "")
 
-    def _report(self, phase: Phase, results: list[CertResult]) -> None:
-        self._reporter.report(phase, results, GAVE_UP if phase == "error" else "")
-
-    def _sleep(self, seconds: float) -> bool:
-        """Wait `seconds` in slices; True when interrupted by stop or a reload request."""
+    def _sleep(self, seconds: float) -> None:
+        """Wait `seconds` in slices, ending early on stop or a reload request."""
         deadline = time.monotonic() + seconds
-        while not self._interrupted():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
+        while not self._interrupted() and (remaining := deadline - time.monotonic()) > 0:
             self._stop.wait(min(remaining, WAKE_S))
-        return True
-
-    def _pause(self, seconds: float) -> None:
-        self._sleep(seconds)
 
     def _interrupted(self) -> bool:
         return self._stop.is_set() or self._reload.is_set()
 
     def _reloaded(self, settings: Settings, vaults: Any) -> tuple[Settings, Any]:
+        """Apply new settings: report what is known at once (the reporter may have a new target),
+        and sync only what the change left uninstalled; on a bad reload keep the last good ones."""
+        fresh, fresh_vaults = self._load(settings, vaults)
+        changed = set(fresh.observed) != set(settings.observed)
+        self._board = self._board.carried(fresh.observed)
+        self._holds.keep({c.url for c in fresh.observed})
+        self._next_poll = min(self._next_poll, self._poll_at(fresh))
+        self._report()
+        if (changed and self._board.missing()) or self._phase == "transitioning":
+            self._initial(fresh, fresh_vaults, first=False)
+        return fresh, fresh_vaults
+
+    def _load(self, settings: Settings, vaults: Any) -> tuple[Settings, Any]:
         """New settings (and new vault clients when the identity changed); old ones on error."""
         try:
             fresh = self._load_settings()
@@ -212,30 +265,30 @@ class Service:
         return fresh, fresh_vaults
 
 
-class _Attempts:
-    """The results so far; each call after the first re-syncs only the failed, retryable ones."""
+class _Pending:
+    """The initial sync's certificates not installed yet; each attempt syncs only those."""
 
-    def __init__(self, settings: Settings, vaults: Any,
-                 run: Callable[[Settings, Any], list[CertResult]],
+    def __init__(self, certs: Sequence[ObservedCertificate],
+                 run: Callable[[Sequence[ObservedCertificate]], list[CertResult]],
                  interrupted: Callable[[], bool]) -> None:
-        self.settings, self.vaults, self.run, self.interrupted = settings, vaults, run, interrupted
-        self.results: list[CertResult] = []
+        self.certs, self.run, self.interrupted = list(certs), run, interrupted
+        self.failed: list[CertResult] = []
+        self.attempts = 0
 
-    def next(self, retryable: Callable[[CertResult], bool]) -> list[CertResult]:
-        """The first call syncs everything; later ones merge in a re-sync of the failed."""
-        if not self.results:
-            self.results = self.run(self.settings, self.vaults)
-            return self.results
-        if self.interrupted():
-            return self.results
-        again = [i for i, r in enumerate(self.results)
-                 if r.outcome is Outcome.FAILED and retryable(r)]
-        subset = replace(self.settings, observed=tuple(self.settings.observed[i] for i in again))
-        merged = list(self.results)
-        for index, result in zip(again, self.run(subset, self.vaults), strict=True):
-            merged[index] = result
-        self.results = merged
-        return merged
+    def attempt(self) -> list[ObservedCertificate]:
+        """Sync the pending certificates (unless interrupted); return those still failing."""
+        if self.certs and not self.interrupted():
+            results = self.run(self.certs)
+            self.attempts += 1
+            self.failed = failing(results)
+            self.certs = [c for c, r in zip(self.certs, results, strict=True)
+                          if r.outcome is Outcome.FAILED]
+        return self.certs
+
+    def retry_after(self) -> float | None:
+        """The longest Retry-After the last attempt's failures asked for."""
+        asked = [r.retry_after for r in self.failed if r.retry_after is not None]
+        return max(asked) if asked else None
 
 
 def _close(vaults: Any) -> None:

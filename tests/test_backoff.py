@@ -7,6 +7,7 @@ import random
 import pytest
 
 from akvvm_ext import backoff
+from akvvm_ext.model import CertResult, Outcome
 
 SEEDS = range(200)
 
@@ -49,20 +50,91 @@ def test_initial_delay_honours_a_longer_retry_after() -> None:
     assert backoff.initial_delay(1, lambda: 0.0, retry_after=86400) == backoff.RETRY_AFTER_CAP_S
 
 
-def test_cycle_delay_is_full_jitter_under_a_growing_cap() -> None:
-    """Without Retry-After: uniform in [0, min(60, 2 * 2^(n-1))] seconds."""
+def test_cycle_delay_doubles_with_jitter_up_to_the_interval() -> None:
+    """Without Retry-After: in [c/2, c] for c = min(interval, 2 * 2^(n-1)) seconds."""
     for seed in SEEDS:
         rng = rands(seed)
-        for attempt in range(1, 10):
-            delay = backoff.cycle_delay(attempt, rng.random)
-            assert 0 <= delay <= min(60.0, 2.0 * 2 ** (attempt - 1))
+        for attempt in range(1, 14):
+            ceiling = min(600.0, 2.0 * 2 ** (attempt - 1))
+            assert ceiling / 2 <= backoff.cycle_delay(attempt, rng.random,
+                                                      interval_s=600) <= ceiling
+    assert backoff.cycle_delay(10_000, lambda: 0.0) > 0  # no overflow far out
 
 
-def test_cycle_delay_uses_retry_after_when_given() -> None:
-    """Retry-After wins over jitter, negative values are clamped, huge ones capped."""
+def test_cycle_delay_is_never_shorter_than_retry_after() -> None:
+    """Retry-After is a floor under the backoff; negative values are ignored, huge ones capped."""
     assert backoff.cycle_delay(1, lambda: 0.9, retry_after=7) == 7
-    assert backoff.cycle_delay(1, lambda: 0.9, retry_after=-3) == 0
+    assert backoff.cycle_delay(8, lambda: 0.0, retry_after=7) == 256
+    assert backoff.cycle_delay(1, lambda: 0.0, retry_after=-3) == 2
     assert backoff.cycle_delay(1, lambda: 0.9, retry_after=1e9) == backoff.RETRY_AFTER_CAP_S
+
+
+def throttled(url: str, retry_after: float | None = None,
+              retryable: bool = True) -> CertResult:
+    """A failed result, as a 429 (or 503 without Retry-After) gives."""
+    return CertResult(url=url, outcome=Outcome.FAILED, retryable=retryable,
+                      retry_after=retry_after)
+
+
+def test_holds_give_a_failed_certificate_its_own_retry_pass() -> None:
+    """A failure before the next cycle: a retry pass of its own after the backoff, not sooner."""
+    holds = backoff.Holds(lambda: 0.0)
+    holds.record([throttled("a"), CertResult("b", Outcome.UNCHANGED)], 100.0, 3700.0, 3600)
+    assert holds.next_wake(3700.0) == 102.0
+    assert not holds.due("a", 101.0, cycle=False) and holds.due("a", 102.0, cycle=False)
+    assert not holds.due("b", 102.0, cycle=False) and holds.due("b", 3700.0, cycle=True)
+    holds.record([CertResult("a", Outcome.INSTALLED)], 102.0, 3700.0, 3600)
+    assert holds.next_wake(3700.0) == 3700.0 and not holds.due("a", 103.0, cycle=False)
+
+
+def test_holds_honour_retry_after_even_across_a_poll_cycle() -> None:
+    """Retry-After longer than the cycle: the cycle skips the certificate until then."""
+    holds = backoff.Holds(lambda: 0.0)
+    holds.record([throttled("a", retry_after=120)], 0.0, 60.0, 60)
+    assert holds.next_wake(60.0) == 60.0  # no retry pass of its own: the cycle takes it
+    assert not holds.due("a", 61.0, cycle=True) and holds.due("a", 121.0, cycle=True)
+
+
+def test_a_lasting_failure_settles_at_one_get_per_cycle() -> None:
+    """Backoff doubles per failure in a row; once it reaches the cycle, no more retry passes."""
+    holds, now, gets = backoff.Holds(lambda: 0.5), 0.0, 0
+    for cycle in range(1, 40):
+        next_poll = cycle * 3600.0
+        while True:
+            gets += 1
+            holds.record([throttled("a")], now, next_poll, 3600)
+            if holds.next_wake(next_poll) >= next_poll:
+                break
+            now = holds.next_wake(next_poll)
+        now = next_poll
+    assert gets <= 39 + 12  # 11 retry passes while the backoff grows to an hour, then 1 per cycle
+
+
+def test_permanent_failures_and_forgotten_certificates_are_released() -> None:
+    """A 403 gets no retry pass; `keep` drops certificates no longer observed."""
+    holds = backoff.Holds(lambda: 0.0)
+    holds.record([throttled("a", retryable=False), throttled("b")], 0.0, 3600.0, 3600)
+    assert holds.due("a", 3600.0, cycle=True) and not holds.due("a", 5.0, cycle=False)
+    holds.keep({"a"})
+    assert holds.next_wake(3600.0) == 3600.0
+
+
+def test_initial_sync_ends_within_the_hour_whatever_the_server_asks() -> None:
+    """25 x Retry-After 300 s with 24 s attempts: the last retry starts within the hour."""
+    elapsed, retries = 24.0, 0
+    while retries < backoff.INITIAL_RETRIES:
+        delay = backoff.initial_delay(retries + 1, lambda: 0.0, retry_after=300)
+        if backoff.initial_out_of_time(elapsed, delay):
+            break
+        elapsed, retries = elapsed + delay + 24.0, retries + 1
+    assert retries < backoff.INITIAL_RETRIES
+    assert elapsed <= backoff.INITIAL_BUDGET_S + 24.0 < 90 * 60
+
+
+def test_initial_budget_is_scaled() -> None:
+    """The budget shrinks with AKVVM_BACKOFF_SCALE like every delay."""
+    assert not backoff.initial_out_of_time(3.0, 0.5, scale=0.001)
+    assert backoff.initial_out_of_time(3.0, 0.7, scale=0.001)
 
 
 def test_poll_delay_jitter_is_bounded() -> None:

@@ -1,6 +1,7 @@
 """The poll loop with a fake sync pass: phases, retries of only the failing, stop and reload."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -9,10 +10,20 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
+
+from akvvm_ext import backoff
+from akvvm_ext import service as service_module
 from akvvm_ext.model import CertResult, Identity, ObservedCertificate, Outcome, Settings
 from akvvm_ext.service import Phase, Service
 
 Script = Callable[[int], CertResult | None]  # n-th attempt for a URL -> result (None: success)
+
+
+@pytest.fixture(autouse=True)
+def _prompt_reloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop notices a reload request within 50 ms instead of a second."""
+    monkeypatch.setattr(service_module, "WAKE_S", 0.05)
 
 
 def cert(name: str) -> ObservedCertificate:
@@ -86,16 +97,21 @@ class Vaults:
 
 
 def service(load: Callable[[], Settings], fake: FakeSync, recorder: Recorder,
-            made: list[Vaults] | None = None, scale: float = 0.0) -> Service:
-    """A Service wired to fakes, with all waits scaled to (almost) nothing."""
+            made: list[Vaults] | None = None, scale: float = 0.0,
+            monotonic: Callable[[], float] | None = None) -> Service:
+    """A Service wired to fakes, with all waits scaled to (almost) nothing.
+
+    At scale 0 its clock stands still (else the scaled initial budget, 0 s, would be spent).
+    """
     made = made if made is not None else []
+    clock = monotonic or (time.monotonic if scale else lambda: 0.0)
 
     def make_vaults(s: Settings) -> Vaults:
         made.append(Vaults(s))
         return made[-1]
 
     return Service(load, make_vaults, recorder, sync=fake, rand=lambda: 0.5,
-                   backoff_scale=scale,
+                   backoff_scale=scale, monotonic=clock,
                    clock=lambda: datetime(2026, 11, 26, tzinfo=timezone.utc))
 
 
@@ -178,15 +194,31 @@ def test_later_failures_keep_the_top_level_success() -> None:
     assert recorder.reports[-1][1][0].outcome is Outcome.FAILED
 
 
-def test_cycle_retries_retryable_failures_a_few_times_only() -> None:
-    """A 503 is retried within the cycle (3 attempts in all); a 404 is not retried."""
+def test_cycle_failure_gets_backed_off_retry_passes_of_its_own() -> None:
+    """A 503 is not retried inside the cycle: retry passes of only it, each wait twice as long."""
     fake = FakeSync(scripts={
         "busy": lambda n: fail("https://vault.localhost/secrets/busy"),
         "gone": lambda n: fail("https://vault.localhost/secrets/gone", retryable=False),
     })
-    recorder = Recorder()
-    run_until(service(lambda: settings("ok", "busy", "gone"), fake, recorder), fake, 3)
-    assert [names for _, names in fake.calls] == [("ok", "busy", "gone"), ("busy",), ("busy",)]
+    run_until(service(lambda: settings("ok", "busy", "gone"), fake, Recorder(), scale=0.01),
+              fake, 4)
+    assert [names for _, names in fake.calls] == [("ok", "busy", "gone"), ("busy",), ("busy",),
+                                                  ("busy",)]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(fake.calls)]
+    floors = [backoff.CYCLE_FIRST_S * 2**n * 0.75 * 0.01 for n in range(3)]  # rand() = 0.5
+    assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), gaps
+
+
+def test_short_cycles_never_fetch_sooner_than_retry_after() -> None:
+    """Polling every 10 ms, a certificate answered with Retry-After 0.3 s waits that long."""
+    url = "https://vault.localhost/secrets/t"
+    fake = FakeSync(scripts={"t": lambda n: fail(url, retry_after=30)})
+    svc = service(lambda: settings("ok", "t", interval=1), fake, Recorder(), scale=0.01)
+    with running(svc):
+        wait_until(lambda: sum("t" in names for _, names in fake.calls) >= 3)
+    times = [at for at, names in fake.calls if "t" in names]
+    assert all(b - a >= 0.3 for a, b in itertools.pairwise(times))
+    assert sum("ok" in names for _, names in fake.calls) > 2 * len(times)
 
 
 def test_cycle_retry_honours_retry_after() -> None:
@@ -218,7 +250,7 @@ def test_reload_picks_up_a_new_certificate_and_keeps_clients() -> None:
         current[0] = settings("a", "new")
         svc.request_reload()
         wait_until(lambda: len(fake.calls) == 2, timeout=3)
-    assert fake.calls[1][1] == ("a", "new")
+    assert fake.calls[1][1] == ("new",)  # "a" is installed: not fetched again for the reload
     assert len(made) == 1 and made[0].closed
 
 
@@ -237,27 +269,26 @@ def test_reload_with_a_new_identity_rebuilds_the_vault_clients() -> None:
 
 def test_failed_reload_keeps_the_last_good_settings() -> None:
     """Invalid settings at reload are logged; the service keeps syncing the old ones."""
-    loads = [settings("a")]
 
     def load() -> Settings:
         if len(loads) > 1:
             raise ValueError("bad settings")
         return loads[0]
 
+    loads = [settings("a", interval=100)]  # polls every 0.1 s at this scale
     fake = FakeSync()
-    svc = service(load, fake, Recorder(), scale=1.0)
+    svc = service(load, fake, Recorder(), scale=0.001)
     with running(svc):
         wait_until(lambda: len(fake.calls) == 1)
         loads.append(settings("b"))
         svc.request_reload()
-        wait_until(lambda: len(fake.calls) == 2, timeout=3)
-    assert fake.calls[1][1] == ("a",)
-
+        wait_until(lambda: len(fake.calls) == 3)
+    assert {names for _, names in fake.calls} == {("a",)}
 
 
 def test_reload_whose_new_identity_fails_keeps_everything() -> None:
     """If clients for a new identity cannot be built, the old settings and clients stay."""
-    current = [settings("a")]
+    current = [settings("a", interval=100)]  # polls every 0.1 s at this scale
     fake, made = FakeSync(), []
 
     def make_vaults(s: Settings) -> Vaults:
@@ -267,12 +298,75 @@ def test_reload_whose_new_identity_fails_keeps_everything() -> None:
         return made[-1]
 
     svc = Service(lambda: current[0], make_vaults, Recorder(), sync=fake, rand=lambda: 0.5,
-                  backoff_scale=1.0)
+                  backoff_scale=0.001)
     with running(svc):
         wait_until(lambda: len(fake.calls) == 1)
         current[0] = settings("a", "b", identity=Identity(msi_client_id="1" * 8))
         svc.request_reload()
-        wait_until(lambda: len(fake.calls) == 2, timeout=3)
+        wait_until(lambda: len(fake.calls) == 3)
         assert not made[0].closed
-    assert fake.calls[1][1] == ("a",)
+    assert {names for _, names in fake.calls} == {("a",)}
     assert len(made) == 1 and made[0].closed  # closed when run ends
+
+
+def test_reload_with_the_same_served_certificates_reports_them_at_once() -> None:
+    """requireInitialSync: a reload changing nothing observed reports success, no refetch."""
+    current = [settings("a", "b", initial=True)]
+    fake, recorder = FakeSync(), Recorder()
+    svc = service(lambda: current[0], fake, recorder, scale=1.0)
+    with running(svc):
+        wait_until(lambda: recorder.phases == ["success"])
+        current[0] = settings("b", "a", initial=True, interval=60)
+        svc.request_reload()
+        wait_until(lambda: len(recorder.reports) == 3)
+    assert recorder.phases == ["success"] * 3
+    assert [r.url.rsplit("/", 1)[1] for r in recorder.reports[1][1]] == ["b", "a"]
+    assert len(fake.calls) == 1
+
+
+def test_reload_adding_a_certificate_syncs_only_it() -> None:
+    """requireInitialSync: a new certificate is transitioning until installed, alone."""
+    url = "https://vault.localhost/secrets/new"
+    current = [settings("a", initial=True)]
+    fake = FakeSync(scripts={"new": lambda n: fail(url) if n == 1 else None})
+    recorder = Recorder()
+    svc = service(lambda: current[0], fake, recorder, scale=0.001)
+    with running(svc):
+        wait_until(lambda: recorder.phases == ["success"])
+        current[0] = settings("a", "new", initial=True)
+        svc.request_reload()
+        wait_until(lambda: len(fake.calls) == 3)
+        wait_until(lambda: recorder.phases[-1] == "success" and len(recorder.reports[-1][1]) == 2)
+    assert [names for _, names in fake.calls] == [("a",), ("new",), ("new",)]
+    assert recorder.phases[:3] == ["success", "success", "transitioning"]
+    assert [r.url for r in recorder.reports[1][1]] == ["https://vault.localhost/secrets/a"]
+
+
+def test_initial_sync_gives_up_when_its_hour_is_spent() -> None:
+    """Attempts that take long end the initial retries early: error within the hour budget."""
+    offset = [0.0]
+    url = "https://vault.localhost/secrets/slow"
+    fake = FakeSync(scripts={"slow": lambda n: fail(url)})
+    fake.on_pass = lambda n: offset.__setitem__(0, offset[0] + 400 * 0.001)  # 400 "s" each
+    recorder = Recorder()
+    svc = service(lambda: settings("slow", initial=True), fake, recorder, scale=0.001,
+                  monotonic=lambda: time.monotonic() + offset[0])
+    with running(svc):
+        wait_until(lambda: "error" in recorder.phases)
+    retries = recorder.phases.index("error")
+    assert 6 <= retries < 9  # 9 attempts of 400 s leave no room for another retry in 3600 s
+    assert recorder.reports[retries][2].startswith(f"Gave up after {retries} retries")
+
+
+def test_long_retry_after_ends_the_initial_retries_within_the_budget() -> None:
+    """25 x Retry-After 300 s would take two hours: the retries stop inside the hour instead."""
+    url = "https://vault.localhost/secrets/t"
+    fake = FakeSync(scripts={"t": lambda n: fail(url, retry_after=300)})
+    recorder = Recorder()
+    started = time.monotonic()
+    svc = service(lambda: settings("t", initial=True), fake, recorder, scale=0.0002)
+    with running(svc):
+        wait_until(lambda: "error" in recorder.phases)
+    assert time.monotonic() - started <= backoff.INITIAL_BUDGET_S * 0.0002 + 0.2
+    # at most 11 x 300 s fit (fewer when the attempts themselves take long, as on a busy host)
+    assert 5 <= recorder.phases.index("error") <= 11
