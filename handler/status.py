@@ -15,7 +15,10 @@ from akvvm_ext.service import Phase
 
 NAME = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
 OPERATION = "Service start."
-STATUSES = ("transitioning", "success", "warning", "error")
+# Top level: warning would keep dependent extensions waiting like transitioning (SPEC 3.4/3.6);
+# a substatus may say warning (e.g. an expired certificate).
+STATUSES = ("transitioning", "success", "error")
+SUBSTATUSES = ("transitioning", "success", "warning", "error")
 MAX_FILE_BYTES = 128 * 1024  # the agent truncates past this
 SUBSTATUS_BUDGET = 100 * 1024  # room left for the top level and JSON framing
 MESSAGE_MAX = 1000  # the portal shows 1,024 characters of the top-level message
@@ -43,9 +46,11 @@ def formatted(message: str, limit: int = MESSAGE_MAX) -> dict[str, str]:
 
 def document(operation: str, status: str, message: str,
              substatus: Sequence[dict[str, Any]] = (), *, now: datetime) -> Document:
-    """A complete status document (SPEC 3.4); `status` must be lowercase."""
+    """A complete status document (SPEC 3.4); `status` is one of STATUSES, lowercase."""
     if status not in STATUSES:
-        raise ValueError(f"unknown status {status!r}")
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    if bad := [e.get("status") for e in substatus if e.get("status") not in SUBSTATUSES]:
+        raise ValueError(f"substatus status {bad[0]!r} is not one of {', '.join(SUBSTATUSES)}")
     body: dict[str, Any] = {
         "name": NAME, "operation": operation, "status": status,
         "code": 1 if status == "error" else 0, "formattedMessage": formatted(message),

@@ -30,8 +30,7 @@ class Clock:
 
 def parse_with_agent(path: Path) -> Any:
     """Parse a status file with the real WALinuxAgent code; returns its ExtensionStatus."""
-    if not AGENT.is_dir():
-        pytest.skip("real agent not unpacked (make waagent)")
+    assert AGENT.is_dir(), f"real agent not unpacked at {AGENT}: run `make waagent`"
     if str(AGENT) not in sys.path:
         sys.path.insert(0, str(AGENT))
     shimmed = "distro" not in sys.modules and _shim_distro()
@@ -93,6 +92,18 @@ def test_capitalised_status_is_refused() -> None:
     """`Transitioning` would silently become error in the agent, so the builder refuses it."""
     with pytest.raises(ValueError):
         status.document("Service start.", "Transitioning", "x", now=NOW)
+
+
+def test_warning_is_refused_at_the_top_level_only() -> None:
+    """A top-level warning would stall dependent extensions; a substatus may warn."""
+    with pytest.raises(ValueError, match="warning"):
+        status.document("Service start.", "warning", "x", now=NOW)
+    warned = {**status.substatus_for(ok(1)), "status": "warning"}
+    doc = status.document("Service start.", "success", "x", [warned], now=NOW)
+    assert doc[0]["status"]["substatus"][0]["status"] == "warning"
+    with pytest.raises(ValueError):
+        status.document("Service start.", "success", "x", [{**warned, "status": "Warning"}],
+                        now=NOW)
 
 
 def test_substatus_names_version_file_link_and_expiry() -> None:
