@@ -1,4 +1,5 @@
-"""Logging of the engine: one line per event, rotated files, optional fluentd that never blocks.
+"""Logging of the engine: one line per event, rotated files, optional fluentd that never blocks
+(`akvvm_ext.forwarder`), redaction of secrets and thinning of repeated failures.
 
 Line format: `YYYY-MM-DD hh:mm:ss: <LEVEL> [<Component>] <message>` in UTC. The component is
 `extra={"component": ...}` when given, else the logger's last name segment capitalised
@@ -10,25 +11,21 @@ import io
 import logging
 import logging.handlers
 import os
-import queue
 import re
 import sys
 import threading
 import time
 from typing import Any
 
-from fluent.sender import FluentSender
-
+from akvvm_ext.forwarder import Fluent
 from akvvm_ext.model import LoggingTarget
 
 FORMAT = "%(asctime)s: %(levelname)s [%(component)s] %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 ROTATE_BYTES = 1024 * 1024
 ROTATE_KEEP = 5
-QUEUE_SIZE = 1000
 # The SDKs log every request at INFO (multi-line, every cycle): warnings and worse only.
 QUIET = ("azure", "msal", "urllib3")
-FLUENT_TIMEOUT_S = 1.0
 
 _REDACTIONS = (
     (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
@@ -97,69 +94,6 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # also a log an older version left readable
         return open(fd, "a", encoding="utf-8")
-
-
-class Fluent:
-    """Forwards records to fluentd from a background thread through a bounded queue.
-
-    `handler` only enqueues (never blocks); when the queue is full the record is dropped and
-    counted. The sender uses short timeouts; its own buffer overflow counts as drops too.
-    """
-
-    def __init__(self, target: LoggingTarget, maxsize: int = QUEUE_SIZE,
-                 timeout: float = FLUENT_TIMEOUT_S) -> None:
-        host = f"unix://{target.unix_path}" if target.unix_path else (target.host or "localhost")
-        self.sender = FluentSender(target.servicename, host=host, port=target.port or 24224,
-                                   timeout=timeout, buffer_overflow_handler=self._overflow,
-                                   nanosecond_precision=True)
-        self.queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize)
-        self.dropped = 0
-        self._reported = 0
-        self.handler = _Enqueue(self)
-        self._thread = threading.Thread(target=self._pump, name="fluentd", daemon=True)
-        self._thread.start()
-
-    def _overflow(self, pending: bytes) -> None:
-        self.dropped += 1
-
-    def _pump(self) -> None:
-        while (record := self.queue.get()) is not None:
-            self._send(record)
-            if self.dropped > self._reported and self.queue.empty():
-                note = f"{self.dropped - self._reported} log records dropped (fluentd slow or down)"
-                self._reported = self.dropped
-                self._send(logging.makeLogRecord({"msg": note, "levelname": "WARNING",
-                                                  "component": "Logging"}))
-
-    def _send(self, record: logging.LogRecord) -> None:
-        try:
-            data = {"level": record.levelname, "component": getattr(record, "component", ""),
-                    "message": record.getMessage()}
-            self.sender.emit_with_time(None, record.created, data)
-        except Exception:  # noqa: BLE001 - fluentd must never take the service down
-            self.dropped += 1
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Flush what is queued within `timeout`, then close; never hangs the service's exit."""
-        try:
-            self.queue.put(None, timeout=timeout / 2)
-        except queue.Full:
-            pass
-        self._thread.join(timeout / 2)
-        if not self._thread.is_alive():
-            self.sender.close()
-
-
-class _Enqueue(logging.Handler):
-    def __init__(self, fluent: Fluent) -> None:
-        super().__init__()
-        self.fluent = fluent
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.fluent.queue.put_nowait(record)
-        except queue.Full:
-            self.fluent.dropped += 1
 
 
 _state: dict[str, Any] = {"handlers": [], "fluent": None}
