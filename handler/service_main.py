@@ -1,12 +1,12 @@
 """Composition root of the service process: `akvvm service --config <state_dir>/config.json`.
 
-Holds the one-instance lock and the pidfile, wires logging, signals, the real identity and vault
-clients and a `StatusReporter` into `akvvm_ext.service.Service`. `--once` runs one pass and prints.
+Holds the one-instance lock and the pidfile (`handler.pidlock`), wires logging, signals, the
+real identity and vault clients and a `StatusReporter` into `akvvm_ext.service.Service`.
+`--once` runs one pass and prints.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
 import json
 import logging
@@ -27,11 +27,10 @@ from akvvm_ext.model import Outcome as CertOutcome
 from akvvm_ext.service import Service
 from akvvm_ext.settings import parse
 from handler import grants, status
+from handler.pidlock import pidfile, single_instance
 
 log = logging.getLogger("akvvm.main")
 STOP_GRACE_S = 0.7  # SIGTERM to exit stays under a second even when a sync is in flight
-LOCK_NAME = "akvvm_service.lock"
-PID_NAME = "akvvm_service.pid"
 
 
 class ConfigError(AkvvmError):
@@ -169,21 +168,6 @@ def once(config: Config, scale: float) -> int:
     return 1 if any(r.outcome is CertOutcome.FAILED for r in results) else 0
 
 
-@contextmanager
-def single_instance(state_dir: str) -> Iterator[bool]:
-    """Hold `<state_dir>/akvvm_service.lock`; yields False when another instance holds it."""
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def serve(config_path: str, config: Config, scale: float) -> Outcome:
     """Run the service until SIGTERM/SIGINT; SIGHUP re-reads config.json (settings and seq)."""
     state_dir = os.path.dirname(os.path.abspath(config_path))
@@ -196,12 +180,10 @@ def serve(config_path: str, config: Config, scale: float) -> Outcome:
         service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
                           sync=_sync_pass(state_dir), backoff_scale=scale)
         previous = signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
-        pidfile = os.path.join(state_dir, PID_NAME)
-        _write_pid(pidfile)
         try:
-            return _run(service, loader)
+            with pidfile(state_dir):
+                return _run(service, loader)
         finally:
-            _remove_pid(pidfile)
             signal.signal(signal.SIGHUP, previous)
 
 
@@ -291,18 +273,3 @@ class _Loader:
         log.info("config reloaded (seq %d)", fresh.seq)
         self.config = fresh
         return fresh.settings
-
-
-def _write_pid(path: str) -> None:
-    with os.fdopen(os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(f"{path}.tmp", path)
-
-
-def _remove_pid(path: str) -> None:
-    try:
-        with open(path, encoding="ascii") as handle:
-            if handle.read().strip() == str(os.getpid()):
-                os.unlink(path)
-    except OSError:
-        pass

@@ -1,0 +1,50 @@
+"""The service's one-instance lock and its pidfile, both in the state dir
+(`akvvm_service.lock`, `akvvm_service.pid`; DESIGN: files on the VM).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOCK_NAME = "akvvm_service.lock"
+PID_NAME = "akvvm_service.pid"
+
+
+@contextmanager
+def single_instance(state_dir: str) -> Iterator[bool]:
+    """Hold `<state_dir>/akvvm_service.lock`; yields False when another instance holds it."""
+    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def pidfile(state_dir: str) -> Iterator[str]:
+    """Write this process's pid to `<state_dir>/akvvm_service.pid` (atomically) and remove it
+    on the way out, unless another process has taken it over meanwhile."""
+    path = os.path.join(state_dir, PID_NAME)
+    with os.fdopen(os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(f"{path}.tmp", path)
+    try:
+        yield path
+    finally:
+        _remove_if_ours(path)
+
+
+def _remove_if_ours(path: str) -> None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
