@@ -1,24 +1,28 @@
 """The certificate store on disk: versioned PEM files behind one stable, relative symlink.
 
-`plan` is pure; `apply` makes the disk match a plan atomically (temp file + fsync + rename, temp
-link + rename, directory fsync), never follows a planted symlink and never deletes anything.
-"""
+`plan` is pure; `write_version` then `point_link` (`apply`: both) write atomically, never follow a
+planted symlink and delete nothing but the temp files a killed writer of ours left behind."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from akvvm_ext.errors import StoreError
 from akvvm_ext.model import ObservedCertificate
 
 log = logging.getLogger("akvvm.store")
 
+Token = Callable[[], str]  # names temp files: unpredictable by default, tests pass their own
+Prepare = Callable[[str], None]  # called with a new version file's temp path before its rename
+_random_token: Token = functools.partial(secrets.token_hex, 8)
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _HINTS = {
     errno.ENOSPC: "Free space on the store's filesystem; the previous version keeps being served.",
@@ -49,11 +53,12 @@ class StorePlan:
     link_path: str  # <store>/<link_name>
     link_target: str  # relative: the version file's name
     content: bytes
+    file_prefix: str  # <vault>.<name>: whose temp files are ours to clean up
 
 
 @dataclass(frozen=True)
 class Change:
-    """What `apply` did."""
+    """What `write_version`, `point_link` or `apply` did."""
 
     wrote: bool = False  # a new version file was written
     replaced: bool = False  # an existing version file with other content was replaced
@@ -74,9 +79,8 @@ def installed(cert: ObservedCertificate) -> Installed | None:
         return None
     path = os.path.normpath(os.path.join(cert.store_dir, target))
     name, prefix = os.path.basename(path), cert.file_prefix + "."
-    if os.path.dirname(path) != os.path.normpath(cert.store_dir) or not name.startswith(prefix):
-        return None
-    if len(name) == len(prefix) or not os.path.isfile(path):
+    if (os.path.dirname(path) != os.path.normpath(cert.store_dir) or len(name) <= len(prefix)
+            or not name.startswith(prefix) or not os.path.isfile(path)):
         return None
     return Installed(version=name[len(prefix) :], path=path)
 
@@ -86,33 +90,47 @@ def plan(cert: ObservedCertificate, version: str, pem: bytes) -> StorePlan:
     if not version or "/" in version or "\0" in version or version in (".", ".."):
         raise StoreError(f"the version id {version!r} cannot be a file name.", "Report this.")
     file_name = f"{cert.file_prefix}.{version}"
-    return StorePlan(
-        store_dir=cert.store_dir,
-        version=version,
-        version_path=os.path.join(cert.store_dir, file_name),
-        link_path=os.path.join(cert.store_dir, cert.link_name),
-        link_target=file_name,
-        content=pem,
-    )
+    return StorePlan(store_dir=cert.store_dir, version=version,
+                     version_path=os.path.join(cert.store_dir, file_name),
+                     link_path=os.path.join(cert.store_dir, cert.link_name),
+                     link_target=file_name, content=pem, file_prefix=cert.file_prefix)
 
 
-def apply(plan: StorePlan, *, token: Callable[[], str] = lambda: secrets.token_hex(8)) -> Change:
-    """Make the disk match `plan`; raise StoreError and leave what is served intact on failure.
+def write_version(
+    plan: StorePlan, *, prepare: Prepare | None = None, token: Token = _random_token
+) -> Change:
+    """Write the version file unless it holds the content already; the link is not touched.
 
-    `token` names temp files (unpredictable by default; tests pass their own).
-    """
+    Creates the store if missing, first removes this certificate's stale temp files. `prepare`
+    (e.g. ACL grants) runs on a new file before its rename; its exception aborts the write."""
     with _store_errors(plan.store_dir):
         _ensure_dir(plan.store_dir)
-        wrote, replaced = _install_file(plan, token)
+        _remove_stale_temps(plan)
+        wrote, replaced = _install_file(plan, prepare, token)
         if wrote or replaced:
             _fsync_dir(plan.store_dir)
+    return Change(wrote=wrote, replaced=replaced)
+
+
+def point_link(plan: StorePlan, *, token: Token = _random_token) -> Change:
+    """Point the link at the version file `write_version` wrote; refuse unless it holds the plan."""
+    with _store_errors(plan.store_dir):
+        if _read_existing(plan.version_path, len(plan.content)) != plan.content:
+            raise StoreError(f"{plan.version_path} does not hold this version; the link stays.",
+                             "Write the version file first (store.write_version).")
         moved = _point_link(plan, token)
         if moved:
             _fsync_dir(plan.store_dir)
-    return Change(wrote=wrote, replaced=replaced, moved_link=moved)
+    return Change(moved_link=moved)
 
 
-@contextmanager
+def apply(plan: StorePlan, *, token: Token = _random_token) -> Change:
+    """`write_version` then `point_link`; raise StoreError, leaving what is served intact."""
+    written = write_version(plan, token=token)
+    return replace(written, moved_link=point_link(plan, token=token).moved_link)
+
+
+@contextlib.contextmanager
 def _store_errors(store_dir: str) -> Iterator[None]:
     try:
         yield
@@ -125,23 +143,21 @@ def _store_errors(store_dir: str) -> Iterator[None]:
 
 
 def _ensure_dir(store_dir: str) -> None:
-    try:
-        st = os.stat(store_dir)
-    except FileNotFoundError:
+    """Create the store (0700) if missing; a symlink at the store path itself is refused."""
+    st = _lstat(store_dir)
+    if st is None:
         _make_parents(os.path.dirname(store_dir))
-        try:
+        with contextlib.suppress(FileExistsError):  # made by someone else meanwhile: checked below
             os.mkdir(store_dir, 0o700)
-        except FileExistsError:  # created by someone else meanwhile: check it below
-            return _ensure_dir(store_dir)
-        os.chmod(store_dir, 0o700)
-        log.info("created the certificate store %s", store_dir)
-        return None
+            os.chmod(store_dir, 0o700)
+            log.info("created the certificate store %s", store_dir)
+        st = os.lstat(store_dir)
+    if stat.S_ISLNK(st.st_mode):  # ancestors may be links (/var -> /private/var); this may not
+        raise StoreError(f"the store path {store_dir} is a symbolic link; it is not followed.",
+                         "Set certificateStoreLocation to the directory the link points at.")
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(
-            f"the store path {store_dir} exists and is not a directory.",
-            "Move that file away or set another certificateStoreLocation.",
-        )
-    return None
+        raise StoreError(f"the store path {store_dir} exists and is not a directory.",
+                         "Move that file away or set another certificateStoreLocation.")
 
 
 def _make_parents(path: str) -> None:
@@ -158,12 +174,12 @@ def _make_parents(path: str) -> None:
         os.chmod(directory, 0o755)  # noqa: S103 - parents stay traversable, as SPEC §5 says
 
 
-def _install_file(plan: StorePlan, token: Callable[[], str]) -> tuple[bool, bool]:
+def _install_file(plan: StorePlan, prepare: Prepare | None, token: Token) -> tuple[bool, bool]:
     """Write the version file unless it already holds the content; (wrote, replaced)."""
     existing = _read_existing(plan.version_path, len(plan.content))
     if existing == plan.content:
         return False, False
-    _write_atomically(plan, token)
+    _write_atomically(plan, prepare, token)
     if existing is None:
         log.info("wrote %s", plan.version_path)
         return True, False
@@ -173,16 +189,13 @@ def _install_file(plan: StorePlan, token: Callable[[], str]) -> tuple[bool, bool
 
 def _read_existing(path: str, expected_size: int) -> bytes | None:
     """The file's content (up to one byte more than expected), None if absent; never follows."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = _lstat(path)
+    if st is None:
         return None
     if not stat.S_ISREG(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-        raise StoreError(
-            f"{path} is {kind}; it was not created by this extension and is not followed.",
-            "Remove it; the extension then writes the certificate there.",
-        )
+        raise StoreError(f"{path} is {kind}; not created by this extension, it is not followed.",
+                         "Remove it; the extension then writes the certificate there.")
     if st.st_size != expected_size:
         return b""  # differs; reading it is needless
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -190,9 +203,12 @@ def _read_existing(path: str, expected_size: int) -> bytes | None:
         return existing.read(expected_size + 1)
 
 
-def _write_atomically(plan: StorePlan, token: Callable[[], str]) -> None:
+def _write_atomically(plan: StorePlan, prepare: Prepare | None, token: Token) -> None:
     temp = os.path.join(plan.store_dir, f".{os.path.basename(plan.version_path)}.tmp-{token()}")
-    fd = _create_temp(temp)
+    try:
+        fd = os.open(temp, _OPEN_NEW, 0o600)
+    except FileExistsError:
+        raise _planted(temp) from None
     try:
         try:
             os.fchmod(fd, 0o600)  # the umask may have taken bits away; never adds any
@@ -202,33 +218,25 @@ def _write_atomically(plan: StorePlan, token: Callable[[], str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if prepare is not None:
+            prepare(temp)
         os.rename(temp, plan.version_path)
     except BaseException:
         _remove_quietly(temp)
         raise
 
 
-def _create_temp(temp: str) -> int:
-    try:
-        return os.open(temp, _OPEN_NEW, 0o600)
-    except FileExistsError:
-        raise StoreError(
-            f"{temp} already exists (planted?); it is not followed or overwritten.",
-            "Remove it and check who writes into the store directory.",
-        ) from None
+def _planted(temp: str) -> StoreError:
+    return StoreError(f"{temp} already exists (planted?); it is not followed or overwritten.",
+                      "Remove it and check who writes into the store directory.")
 
 
-def _point_link(plan: StorePlan, token: Callable[[], str]) -> bool:
+def _point_link(plan: StorePlan, token: Token) -> bool:
     """Point the link at the version file; False when it already did."""
-    try:
-        st = os.lstat(plan.link_path)
-    except FileNotFoundError:
-        st = None
+    st = _lstat(plan.link_path)
     if st is not None and not stat.S_ISLNK(st.st_mode):
-        raise StoreError(
-            f"{plan.link_path} exists and is not a symbolic link; it is left untouched.",
-            "Move it away or choose another customSymbolicLinkName.",
-        )
+        raise StoreError(f"{plan.link_path} exists and is not a symbolic link; left untouched.",
+                         "Move it away or choose another customSymbolicLinkName.")
     if st is not None and os.readlink(plan.link_path) == plan.link_target:
         return False
     _swap_link(plan, token)
@@ -236,21 +244,43 @@ def _point_link(plan: StorePlan, token: Callable[[], str]) -> bool:
     return True
 
 
-def _swap_link(plan: StorePlan, token: Callable[[], str]) -> None:
+def _swap_link(plan: StorePlan, token: Token) -> None:
     """Create the link under a temp name, then rename it over the old one: never a gap."""
     temp = os.path.join(plan.store_dir, f".{os.path.basename(plan.link_path)}.lnk-{token()}")
     try:
         os.symlink(plan.link_target, temp)
     except FileExistsError:
-        raise StoreError(
-            f"{temp} already exists (planted?); it is not followed or overwritten.",
-            "Remove it and check who writes into the store directory.",
-        ) from None
+        raise _planted(temp) from None
     try:
         os.rename(temp, plan.link_path)
     except BaseException:
         _remove_quietly(temp)
         raise
+
+
+def _remove_stale_temps(plan: StorePlan) -> None:
+    """Remove what a killed writer left: `.<prefix>.<version>.tmp-<16 hex>` regular files and
+    `.<link>.lnk-<16 hex>` symlinks, unlinked, never followed. None is in flight: settings give
+    each certificate of a store its own prefix and link, and one service writes at a time."""
+    link = os.path.basename(plan.link_path)
+    temp_file = re.compile(re.escape(f".{plan.file_prefix}.") + r".+\.tmp-[0-9a-f]{16}")
+    temp_link = re.compile(re.escape(f".{link}") + r"\.lnk-[0-9a-f]{16}")
+    with os.scandir(plan.store_dir) as entries:
+        stale = [
+            entry.path for entry in entries
+            if (temp_file.fullmatch(entry.name) and entry.is_file(follow_symlinks=False))
+            or (temp_link.fullmatch(entry.name) and entry.is_symlink())
+        ]
+    for path in stale:
+        log.info("removing %s, left behind by an interrupted write", path)
+        _remove_quietly(path)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _fsync_dir(path: str) -> None:

@@ -1,4 +1,4 @@
-"""One sync pass: fetch every observed certificate, convert, install, grant ACLs, report.
+"""One sync pass: fetch every observed certificate, convert, write, grant ACLs, move the link.
 
 A bounded thread pool works across certificates; a failure stays with its own certificate and
 never changes what is installed. Identical URLs share one GET per pass.
@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Protocol, TypeGuard, cast
 
@@ -170,29 +170,45 @@ def _install_guarded(
 def _install(
     cert: ObservedCertificate, secret: Secret, bundle: _Lazy, shared: _Pass
 ) -> CertResult:
-    """Skip when this version is installed and verified; else convert, write, grant."""
+    """Skip when this version is installed and verified; else convert, write, grant, then link
+    (last: it never serves a file a listed user cannot read; an ACL failure leaves it as it was)."""
     done = _verified(cert, shared.acls_on)
     if done is not None and done.version == secret.version:
         return done
     grants = cert.acls if shared.acls_on else ()
     converted = bundle.get()
     plan = store.plan(cert, secret.version, converted.pem)
-    change = store.apply(plan)
+    written = _write_granted(plan, grants, shared)
+    change = replace(written, moved_link=store.point_link(plan).moved_link)
     if change.changed:
         log.info("%s: installed version %s at %s (link %s, notAfter %s)%s", cert.url,
                  plan.version, plan.version_path, plan.link_path, _iso(converted.not_after),
                  " replacing different content" if change.replaced else "")
     for warning in converted.warnings if change.changed else ():
         log.warning("%s: %s", cert.url, warning)
-    if grants:
-        added = acl.grant([plan.version_path], cert.store_dir, grants)
-        if added and shared.record_grants:
-            shared.record_grants(added)
     verified = _Verified(plan.version_path, _stat(plan.version_path), grants,
                          _iso(converted.not_after), converted.warnings)
     _MEMO[plan.link_path] = verified
     outcome = Outcome.INSTALLED if change.changed else Outcome.UNCHANGED
     return _result(cert, outcome, plan.version, plan.version_path, verified)
+
+
+def _write_granted(
+    plan: store.StorePlan, grants: tuple[AclGrant, ...], shared: _Pass
+) -> store.Change:
+    """Write the version file with its ACLs: a new file gets them before it takes its name."""
+    if not grants:
+        return store.write_version(plan)
+
+    def grant(path: str) -> None:
+        added = acl.grant([path], plan.store_dir, grants)
+        if added and shared.record_grants:
+            shared.record_grants(added)
+
+    written = store.write_version(plan, prepare=grant)
+    if not written.changed:  # an existing file: the ACL setting may be new
+        grant(plan.version_path)
+    return written
 
 
 def _still_valid(
@@ -227,8 +243,7 @@ def _result(
 
 
 def _failed(cert: ObservedCertificate, err: AkvvmError, fetched: str | None = None) -> CertResult:
-    """A failed result that still names what is served (the link may have moved before an ACL
-    failure), so status can say "still serving X"."""
+    """A failed result that still names what is served, so status can say "still serving X"."""
     current = _installed_quietly(cert)
     known = _MEMO.get(os.path.join(cert.store_dir, cert.link_name))
     not_after = known.not_after if known and current and known.path == current.path else None

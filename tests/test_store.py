@@ -1,14 +1,12 @@
 """store: versioned files behind a relative link, written atomically, never via planted links."""
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,168 +163,106 @@ def test_installed_is_none_without_link_or_when_dangling(tmp_path: Path) -> None
     assert store.installed(cert) is None  # our name, but outside the store
 
 
-def test_symlink_planted_at_the_version_path_is_not_followed(tmp_path: Path) -> None:
-    """A link planted where the version file goes is an error; its target is untouched."""
-    store_dir, victim = tmp_path / "store", tmp_path / "victim"
-    store_dir.mkdir()
-    victim.write_bytes(b"precious")
-    (store_dir / f"myvault.web.{V1}").symlink_to(victim)
-    with pytest.raises(StoreError, match="symbolic link"):
-        install(observed(store_dir), V1, PEM1)
-    assert victim.read_bytes() == b"precious"
-    assert not (store_dir / "myvault.web").exists()
-    assert sorted(p.name for p in store_dir.iterdir()) == [f"myvault.web.{V1}"]
-
-
-@pytest.mark.parametrize("temp_name", [f".myvault.web.{V1}.tmp-feed", ".myvault.web.lnk-feed"])
-def test_symlink_planted_at_a_temp_path_is_not_followed(tmp_path: Path, temp_name: str) -> None:
-    """A link planted at the (here predictable) temp name is an error; its target is untouched."""
-    store_dir, victim = tmp_path / "store", tmp_path / "victim"
-    store_dir.mkdir()
-    victim.write_bytes(b"precious")
-    (store_dir / temp_name).symlink_to(victim)
-    with pytest.raises(StoreError, match="planted"):
-        store.apply(store.plan(observed(store_dir), V1, PEM1), token=lambda: "feed")
-    assert victim.read_bytes() == b"precious"
-    assert os.readlink(store_dir / temp_name) == str(victim)
-    assert not (store_dir / "myvault.web").exists()
-
-
-@pytest.mark.parametrize("kind", ["file", "directory"])
-def test_link_path_taken_by_a_user_file_is_an_error_and_kept(tmp_path: Path, kind: str) -> None:
-    """A regular file or directory at the link path is never clobbered."""
-    store_dir = tmp_path / "store"
-    store_dir.mkdir()
-    taken = store_dir / "myvault.web"
-    taken.write_bytes(b"mine") if kind == "file" else taken.mkdir()
-    with pytest.raises(StoreError, match="not a symbolic link") as caught:
-        install(observed(store_dir), V1, PEM1)
-    assert caught.value.hint
-    assert taken.read_bytes() == b"mine" if kind == "file" else taken.is_dir()
-    assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
-
-
-def test_store_path_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:
-    """A file where the store should be gives a StoreError with a hint, and stays as it was."""
-    (tmp_path / "store").write_bytes(b"not a dir")
-    with pytest.raises(StoreError, match="not a directory") as caught:
-        install(observed(tmp_path / "store"), V1, PEM1)
-    assert "certificateStoreLocation" in caught.value.hint
-    assert (tmp_path / "store").read_bytes() == b"not a dir"
-
-
-def test_store_under_a_file_is_a_store_error(tmp_path: Path) -> None:
-    """A store whose parent is a file fails with a StoreError, not an OSError."""
-    (tmp_path / "blocker").write_bytes(b"x")
-    with pytest.raises(StoreError):
-        install(observed(tmp_path / "blocker" / "store"), V1, PEM1)
-
-
-def _run(*args: str) -> bool:
-    return subprocess.run(args, capture_output=True).returncode == 0
-
-
-@contextlib.contextmanager
-def read_only(directory: Path) -> Iterator[str]:
-    """Make `directory` unwritable even for root; yield the method used."""
-    if _run("mount", "--bind", str(directory), str(directory)):
-        try:
-            if _run("mount", "-o", "remount,bind,ro", str(directory)):
-                yield "bind mount"
-                return
-        finally:
-            _run("umount", str(directory))
-    if _run("chattr", "+i", str(directory)):
-        try:
-            yield "chattr +i"
-        finally:
-            _run("chattr", "-i", str(directory))
-        return
-    pytest.fail("no way to make a directory read-only for root here (mount, chattr)")
-
-
-def assert_serves(store_dir: Path, version: str, pem: bytes) -> None:
-    """The link serves exactly this version, and no temp file is left around."""
-    link = store_dir / "myvault.web"
-    assert os.readlink(link) == f"myvault.web.{version}"
-    assert link.read_bytes() == pem
-    assert not [p.name for p in store_dir.iterdir() if p.name.startswith(".")]
-
-
-def test_read_only_store_is_a_clear_error_and_keeps_serving(tmp_path: Path) -> None:
-    """On a read-only store the error names the problem; the old version is still served."""
+def test_write_version_leaves_the_link_until_point_link(tmp_path: Path) -> None:
+    """The version file is written first; the link moves only when point_link is called."""
     store_dir = tmp_path / "store"
     cert = observed(store_dir)
     install(cert, V1, PEM1)
-    with read_only(store_dir) as method:
-        with pytest.raises(StoreError) as caught:
-            install(cert, V2, PEM2)
-        assert_serves(store_dir, V1, PEM1)
-    text = str(caught.value)
-    assert ("Read-only" in text and "read-write" in text) or method == "chattr +i", text
-    assert "chattr" in text or method == "bind mount", text
-    assert install(cert, V2, PEM2).changed  # recovers by itself once writable
-    assert_serves(store_dir, V2, PEM2)
+    plan = store.plan(cert, V2, PEM2)
+    assert store.write_version(plan) == store.Change(wrote=True)
+    assert os.readlink(store_dir / "myvault.web") == f"myvault.web.{V1}"
+    assert (store_dir / f"myvault.web.{V2}").read_bytes() == PEM2
+    assert store.point_link(plan) == store.Change(moved_link=True)
+    assert store.installed(cert) == store.Installed(V2, str(store_dir / f"myvault.web.{V2}"))
+    assert store.point_link(plan) == store.Change()
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs; fails rather than skips when it cannot be mounted."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if not _run("mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mount_point)):
-        pytest.fail("cannot mount a tmpfs here")
-    try:
-        yield mount_point
-    finally:
-        _run("umount", str(mount_point))
-
-
-def fill(directory: Path) -> Path:
-    """Fill the filesystem of `directory` to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(b"\0" * 1024)
-    return filler
-
-
-def test_full_disk_is_a_clear_error_leaves_nothing_and_recovers(small_fs: Path) -> None:
-    """ENOSPC: StoreError naming the cause, no half-written file, old version still served."""
-    store_dir = small_fs / "store"
+@pytest.mark.parametrize("on_disk", [None, PEM1])
+def test_point_link_refuses_a_version_file_without_the_plan(
+    tmp_path: Path, on_disk: bytes | None
+) -> None:
+    """The link never moves to a missing version file or one with other content."""
+    store_dir = tmp_path / "store"
     cert = observed(store_dir)
     install(cert, V1, PEM1)
-    filler = fill(small_fs)
-    with pytest.raises(StoreError) as caught:
-        install(cert, V2, PEM2)
-    assert "No space left" in str(caught.value) and "Free space" in caught.value.hint
-    assert_serves(store_dir, V1, PEM1)
-    assert not (store_dir / f"myvault.web.{V2}").exists()
-    filler.unlink()
-    assert install(cert, V2, PEM2).changed
-    assert_serves(store_dir, V2, PEM2)
+    if on_disk is not None:
+        (store_dir / f"myvault.web.{V2}").write_bytes(on_disk)
+    with pytest.raises(StoreError, match="does not hold this version"):
+        store.point_link(store.plan(cert, V2, PEM2))
+    assert os.readlink(store_dir / "myvault.web") == f"myvault.web.{V1}"
 
 
-_FSIZE_CHILD = """
-import resource, sys
+def test_prepare_sees_the_whole_file_before_it_takes_its_name(tmp_path: Path) -> None:
+    """`prepare` gets the complete temp file while the version path does not exist yet."""
+    store_dir, seen = tmp_path / "store", []
+    plan = store.plan(observed(store_dir), V1, PEM1)
+
+    def prepare(temp: str) -> None:
+        named = os.path.lexists(plan.version_path)
+        seen.append((os.path.basename(temp), Path(temp).read_bytes(), named))
+
+    store.write_version(plan, prepare=prepare, token=lambda: "feed")
+    assert seen == [(f".myvault.web.{V1}.tmp-feed", PEM1, False)]
+    assert store.write_version(plan, prepare=prepare) == store.Change() and len(seen) == 1
+
+
+def test_failing_prepare_writes_nothing(tmp_path: Path) -> None:
+    """An exception from `prepare` propagates as is; no version file, no temp file remains."""
+    store_dir = tmp_path / "store"
+
+    def refuse(temp: str) -> None:
+        raise LookupError("no such user")
+
+    with pytest.raises(LookupError):
+        store.write_version(store.plan(observed(store_dir), V1, PEM1), prepare=refuse)
+    assert list(store_dir.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import os, sys
 from akvvm_ext import store
-from akvvm_ext.errors import StoreError
 from tests.test_store import observed, PEM2, V2
-resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
-try:
-    store.apply(store.plan(observed(sys.argv[1]), V2, PEM2))
-except StoreError as err:
-    print(err)
+store.write_version(store.plan(observed(sys.argv[1]), V2, PEM2), prepare=lambda temp: os._exit(9))
 """
 
 
-def test_file_size_limit_is_a_clear_error(tmp_path: Path) -> None:
-    """EFBIG under `ulimit -f`: a StoreError with a hint, the previous version untouched."""
+def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    """A temp file left by a writer killed mid-write (os._exit) is removed by the next write."""
     store_dir = tmp_path / "store"
     install(observed(store_dir), V1, PEM1)
-    child = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(store_dir)],
-                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    assert child.returncode == 0, child.stderr
-    assert "too large" in child.stdout and "ulimit -f" in child.stdout
-    assert_serves(store_dir, V1, PEM1)
+    child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(store_dir)],
+                           capture_output=True, cwd=Path(__file__).parent.parent)
+    assert child.returncode == 9, child.stderr
+    [left] = [p.name for p in store_dir.iterdir() if p.name.startswith(".")]
+    assert left.startswith(f".myvault.web.{V2}.tmp-")
+    install(observed(store_dir), V2, PEM2)
+    assert sorted(p.name for p in store_dir.iterdir()) == [
+        "myvault.web", f"myvault.web.{V1}", f"myvault.web.{V2}"]
+
+
+def test_stale_temp_cleanup_removes_only_our_own_names_and_kinds(tmp_path: Path) -> None:
+    """Our temp files and temp links go (links unlinked, not followed); everything else stays."""
+    store_dir, victim, token = tmp_path / "store", tmp_path / "victim", "0123456789abcdef"
+    install(observed(store_dir), V1, PEM1)
+    victim.write_bytes(b"precious")
+    ours = [f".myvault.web.{V2}.tmp-{token}", f".myvault.web.{V1}.tmp-{token}"]
+    for name in ours:
+        (store_dir / name).write_bytes(b"half a certi")
+    (store_dir / f".myvault.web.lnk-{token}").symlink_to(victim)
+    ours.append(f".myvault.web.lnk-{token}")
+    kept = {f".myvault.web.{V2}.tmp-feed": "file", f".other.web.{V1}.tmp-{token}": "file",
+            f".myvault.web.{V2}.tmp-{token}0": "file", f".myvault.web.lnk-{token}x": "link",
+            f".myvault.webx.{V2}.tmp-{token}": "file", f".myvault.web.{V1}.tmp-{'f' * 16}": "link",
+            f".myvault.web.lnk-{'f' * 16}": "file", f".myvault.web.{V2}.tmp-{'e' * 16}": "dir"}
+    for name, kind in kept.items():
+        if kind == "dir":
+            (store_dir / name).mkdir()
+        elif kind == "link":
+            (store_dir / name).symlink_to(victim)
+        else:
+            (store_dir / name).write_bytes(b"not ours")
+    install(observed(store_dir), V2, PEM2)
+    names = {p.name for p in store_dir.iterdir()}
+    assert not names & set(ours)
+    assert names == set(kept) | {"myvault.web", f"myvault.web.{V1}", f"myvault.web.{V2}"}
+    assert victim.read_bytes() == b"precious"
