@@ -101,21 +101,28 @@ def make_chain(
     leaf_until = not_after or now + 365 * _DAY
     ca_from = min(leaf_from, now) - _DAY
     ca_until = max(leaf_until, now) + 730 * _DAY
-    tag = uuid.uuid4().hex[:8]
-    names = [f"Stand-in Root CA {tag}"]
-    names += [f"Stand-in Intermediate {i} {tag}" for i in range(1, depth - 1)]
-    issuer_key = cached_key(key_type, key_size, 0)
-    issuer_name = _name(names[0])
-    certs = [_ca_cert(issuer_name, issuer_key, issuer_name, issuer_key, ca_from, ca_until)]
-    for level, ca_cn in enumerate(names[1:], start=1):
-        key = cached_key(key_type, key_size, level)
-        certs.append(_ca_cert(_name(ca_cn), key, issuer_name, issuer_key, ca_from, ca_until))
-        issuer_name, issuer_key = _name(ca_cn), key
+    certs, issuer_name, issuer_key = _ca_path(depth, key_type, key_size, ca_from, ca_until)
     if depth == 1:
         return Chain(key=issuer_key, certs=(certs[0],))
     key = leaf_key or _new_key(key_type, key_size)
     leaf = _leaf_cert(cn, key, issuer_name, issuer_key, leaf_from, leaf_until)
     return Chain(key=key, certs=(leaf, *reversed(certs)))
+
+
+def _ca_path(depth: int, key_type: str, key_size: int, not_before: dt.datetime,
+             not_after: dt.datetime) -> tuple[list[x509.Certificate], x509.Name, PrivateKey]:
+    """Root and (depth - 2) intermediates, root first, with the last one's name and key."""
+    tag = uuid.uuid4().hex[:8]
+    names = [f"Stand-in Root CA {tag}"]
+    names += [f"Stand-in Intermediate {i} {tag}" for i in range(1, depth - 1)]
+    issuer_key = cached_key(key_type, key_size, 0)
+    issuer_name = _name(names[0])
+    certs = [_ca_cert(issuer_name, issuer_key, issuer_name, issuer_key, not_before, not_after)]
+    for level, ca_cn in enumerate(names[1:], start=1):
+        key = cached_key(key_type, key_size, level)
+        certs.append(_ca_cert(_name(ca_cn), key, issuer_name, issuer_key, not_before, not_after))
+        issuer_name, issuer_key = _name(ca_cn), key
+    return certs, issuer_name, issuer_key
 
 
 def unrelated_cert() -> x509.Certificate:

@@ -165,26 +165,30 @@ def manifest_xml(versions: Mapping[str, Path]) -> str:
 def goal_state_xml(incarnation: str, handlers: Sequence[tuple[ExtensionSpec, str | None, str]]
                    ) -> str:
     """ExtensionsConfig as the wire server sends it: Plugins, PluginSettings, metadata."""
-    plugins, settings = [], []
-    for spec, runtime_settings_json, manifest_uri in handlers:
-        plugins.append(
-            f"<Plugin name={quoteattr(spec.name)} version={quoteattr(spec.version)} "
-            f"location={quoteattr(manifest_uri)} state={quoteattr(spec.state)} "
-            'autoUpgrade="false" runAsStartupTask="false" isJson="true" useExactVersion="true" />')
-        if runtime_settings_json is None and spec.raw_settings is None:
-            continue
-        depends = (f'<DependsOn dependencyLevel="{spec.dependency_level}" />'
-                   if spec.dependency_level else "")
-        settings.append(
-            f"<Plugin name={quoteattr(spec.name)} version={quoteattr(spec.version)}>{depends}"
-            f'<RuntimeSettings seqNo="{spec.seq}">{escape(runtime_settings_json or "")}'
-            "</RuntimeSettings></Plugin>")
+    plugins = "".join(_plugin_xml(spec, manifest_uri) for spec, _, manifest_uri in handlers)
+    settings = "".join(_plugin_settings_xml(spec, runtime_settings_json)
+                       for spec, runtime_settings_json, _ in handlers
+                       if runtime_settings_json is not None or spec.raw_settings is not None)
     ticks = int((time.time() + 62135596800) * 10**7)
     return ('<?xml version="1.0" encoding="utf-8"?>'
             f'<Extensions version="1.0.0.0" goalStateIncarnation="{incarnation}">'
-            f"<Plugins>{''.join(plugins)}</Plugins>"
-            f"<PluginSettings>{''.join(settings)}</PluginSettings>"
+            f"<Plugins>{plugins}</Plugins>"
+            f"<PluginSettings>{settings}</PluginSettings>"
             '<StatusUploadBlob statusBlobType="BlockBlob">file:///dev/null</StatusUploadBlob>'
             f'<InVMGoalStateMetaData inSvdSeqNo="{incarnation}" createdOnTicks="{ticks}" '
             'activityId="00000000-0000-0000-0000-00000000a11d" '
             'correlationId="00000000-0000-0000-0000-00000000c0de" /></Extensions>')
+
+
+def _plugin_xml(spec: ExtensionSpec, manifest_uri: str) -> str:
+    return (f"<Plugin name={quoteattr(spec.name)} version={quoteattr(spec.version)} "
+            f"location={quoteattr(manifest_uri)} state={quoteattr(spec.state)} "
+            'autoUpgrade="false" runAsStartupTask="false" isJson="true" useExactVersion="true" />')
+
+
+def _plugin_settings_xml(spec: ExtensionSpec, runtime_settings_json: str | None) -> str:
+    depends = (f'<DependsOn dependencyLevel="{spec.dependency_level}" />'
+               if spec.dependency_level else "")
+    return (f"<Plugin name={quoteattr(spec.name)} version={quoteattr(spec.version)}>{depends}"
+            f'<RuntimeSettings seqNo="{spec.seq}">{escape(runtime_settings_json or "")}'
+            "</RuntimeSettings></Plugin>")
