@@ -9,32 +9,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from handler import supervisor
 from tests.standins.certfactory import PEM, make_chain
+from tests.standins.package import zip_testpkg
 from tests.standins.waagent import ExtensionSpec, WaagentRunner
 from tests.test_zip import ISOLATED_PATH, built_zip
 
 NAME = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
 STATE = f"{NAME}.State"
 DEPENDENT = "Test.Standin.Dependent"
-TESTPKG = Path(__file__).resolve().parent / "standins" / "testpkg"  # records its commands
-
-
-def dependent_zip(folder: Path) -> Path:
-    """The stand-ins' trivial test extension, zipped: it logs each command with a timestamp."""
-    path = folder / "dependent.zip"
-    with zipfile.ZipFile(path, "w") as archive:
-        for file in sorted(TESTPKG.rglob("*")):
-            if file.is_file():
-                archive.write(file, file.relative_to(TESTPKG).as_posix())
-    return path
-
-
 def commands_of(runner: WaagentRunner, name: str) -> list[list[str]]:
     """The test extension's `ops.log`: one [op, version, ..., at=<epoch>] per command."""
     log = runner.ext_log_dir(name) / "ops.log"
@@ -176,7 +163,7 @@ def test_uninstall_stops_the_service_and_keeps_certificates(vm):
 
 def test_require_initial_sync_holds_the_dependent_extension(vm, tmp_path):
     """With requireInitialSync, a dependent extension starts only after the certificate is in."""
-    vm.runner.add_package(dependent_zip(tmp_path), name=DEPENDENT, version="1.0.0")
+    vm.runner.add_package(zip_testpkg(tmp_path / "dependent.zip"), name=DEPENDENT, version="1.0.0")
     vm.kv.fault("web", "forbidden", times=3)
     dependent = ExtensionSpec(DEPENDENT, "1.0.0", dependency_level=1)
     report = vm.deploy(vm.settings(["web"]), extra=[dependent])
