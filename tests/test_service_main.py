@@ -153,8 +153,8 @@ class Recording(status.StatusReporter):
     phases: list[str]
 
     def report(self, phase: Any, results: Any, message: str) -> None:
+        self.phases.append(phase)  # first: whoever sees the file also sees the phase
         super().report(phase, results, message)
-        self.phases.append(phase)
 
 
 def in_process(layout: Layout, scale: float = 0.002, *, sync: SyncPass | None = None,

@@ -107,6 +107,7 @@ def test_sigterm_during_a_slow_sync_exits_at_once(
     leftovers = [p.name for p in layout.status.iterdir() if not p.name.endswith(".status")]
     assert leftovers == []
     json.loads((layout.status / "0.status").read_text())
+    assert_no_secrets(layout, outputs=list(proc.communicate()))
 
 
 def test_second_instance_refuses_to_run(layout: Layout, spawn: Callable[..., Any]) -> None:
@@ -165,9 +166,10 @@ def test_initial_sync_errors_after_its_retries_then_recovers(
     layout.add("api", chain())
     layout.kv.fault("api", "forbidden", times=1000)
     layout.write(layout.raw("web", "api", initial=True))
+    logs.setup(str(layout.logs), "Service")
     reporter, stop, thread = in_process(layout, scale=0.0005, rand=lambda: 0.999)
     try:
-        doc = wait_until(lambda: "error" in reporter.phases and layout.status_doc())
+        doc = wait_until(lambda: (d := layout.status_doc()) and d["status"] == "error" and d)
         retries = reporter.phases.index("error")
         assert 20 <= retries <= 25  # fewer only when the attempts eat into the hour (scaled)
         assert reporter.phases[:retries] == ["transitioning"] * retries
@@ -236,6 +238,7 @@ def test_throttling_storm_never_fetches_sooner_than_retry_after(
     layout.kv.fault(None, "throttle", times=1000, retry_after=2)
     layout.write(layout.raw("web", "api"))
     counting = CountingSync()
+    logs.setup(str(layout.logs), "Service")
     _, stop, thread = in_process(layout, scale=0.05, sync=counting)  # Retry-After 2 s: 0.1 s
     try:
         wait_until(lambda: len(counting.passes) >= 4 and layout.kv.count(status=429) >= 8)
@@ -254,3 +257,4 @@ def test_throttling_storm_never_fetches_sooner_than_retry_after(
         doc["formattedMessage"]["message"]
     assert all("429" in s["formattedMessage"]["message"] for s in doc["substatus"])
     assert layout.imds.token_requests == 1
+    assert_no_secrets(layout)
