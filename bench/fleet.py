@@ -1,8 +1,9 @@
 """Fleet simulation: a scale set of VMs, 5 certificates each, against one throttled vault.
 
 Discrete-event, simulated time (heapq, no sleeping). Every wait comes from the service's own
-schedules in `akvvm_ext.backoff` (initial-sync retries with Retry-After, in-cycle retries, poll
-jitter), applied the way `akvvm_ext.service.Service` applies them. Run: `python bench/fleet.py`.
+code in `akvvm_ext.backoff`: the initial-sync schedule with Retry-After and its one-hour budget,
+`Holds` (per-certificate retry passes after a failed poll cycle), poll jitter, applied the way
+`akvvm_ext.service.Service` applies them. Run: `python bench/fleet.py`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from akvvm_ext import backoff  # noqa: E402
+from akvvm_ext.model import CertResult, Outcome  # noqa: E402
 from bench.vault_model import LIMIT, VaultModel  # noqa: E402
 
-INITIAL, POLL, RETRY = 0, 1, 2  # event kinds
+INITIAL, POLL = 0, 1  # event kinds: an initial-sync attempt; a poll cycle or retry pass
+URLS = tuple(f"https://fleet.vault.azure.net/secrets/cert{i}" for i in range(64))
+ALL = [(1 << n) - 1 for n in range(65)]  # bitmask of n certificates
 CONVERGE_S = 900.0  # targets (a) and (c): every VM serves every certificate within 15 minutes
 
 
@@ -62,7 +66,7 @@ class Result:
     converged_s: float | None
     since_start_s: float | None
     target_s: float
-    errors: int  # VMs whose initial sync gave up after 25 retries (status "error")
+    errors: int  # VMs whose initial sync gave up (25 retries or its hour; status "error")
     met: bool
 
 
@@ -76,10 +80,12 @@ class Fleet:
         self.vault = VaultModel(sc.vault_limit, down_until=sc.outage_s,
                                 rng=random.Random(sc.seed + 1))
         self.queue: list[tuple[float, int, int]] = []
-        self.missing = [sc.certs] * sc.vms  # certificates a VM still has to get
-        self.retry = [0] * sc.vms  # initial-sync retry (a, c) or in-cycle attempt (b)
-        self.failed = [0] * sc.vms  # unchanged certificates that failed in the current cycle
-        self.failed_stale = [0] * sc.vms  # rotated certificates that failed in the current cycle
+        self.missing = [sc.certs] * sc.vms  # (a, c): certificates not installed yet
+        self.attempts = [0] * sc.vms  # (a, c): initial-sync attempts so far
+        self.started = [0.0] * sc.vms  # (a, c): when the first attempt ran
+        self.fresh = [0] * sc.vms  # (b): bit i set once certificate i serves the new version
+        self.holds: list[backoff.Holds] = []  # (b): the service's retry holds, one per VM
+        self.next_poll = [0.0] * sc.vms  # (b)
         self.done_at: list[float | None] = [None] * sc.vms
         self.errors = 0
         self.rotated_at = float("inf")
@@ -87,47 +93,50 @@ class Fleet:
     def push(self, at: float, vm: int, kind: int) -> None:
         heapq.heappush(self.queue, (at, vm, kind))
 
-    def fetch(self, now: float, count: int) -> tuple[int, float | None]:
-        """`count` parallel GETs at `now`: how many were served, the longest Retry-After."""
-        return self.vault.get_many(now, count)
-
     def initial(self, now: float, vm: int) -> None:
-        """One initial-sync pass over the certificates still missing (Service._initial)."""
-        served, retry_after = self.fetch(now, self.missing[vm])
+        """One attempt of the initial sync over what is missing (Service._initial_retries)."""
+        if not self.attempts[vm]:
+            self.started[vm] = now
+        self.attempts[vm] += 1
+        served, retry_after = self.vault.get_many(now, self.missing[vm])
         self.missing[vm] -= served
         if not self.missing[vm]:
             self.done_at[vm] = now
             return
-        self.retry[vm] += 1
-        if self.retry[vm] > backoff.INITIAL_RETRIES:
-            self.errors += 1  # status "error"; the service then polls hourly
+        delay = backoff.initial_delay(self.attempts[vm], self.rand, 1.0, retry_after)
+        if self.attempts[vm] > backoff.INITIAL_RETRIES or backoff.initial_out_of_time(
+                now - self.started[vm], delay):
+            self.errors += 1  # status "error"; the service then goes on polling
             return
-        delay = backoff.initial_delay(self.retry[vm], self.rand, 1.0, retry_after)
         self.push(now + delay, vm, INITIAL)
 
-    def cycle(self, now: float, vm: int, kind: int) -> None:
-        """One poll cycle (Service._cycle): a full pass, then retries of what failed."""
-        if kind == POLL:
-            self.retry[vm] = 0
-            stale = self.missing[vm] if now >= self.rotated_at else 0
-            fresh = self.sc.certs - stale
-            if self.sc.listing and self.fetch(now, 1)[0]:
-                fresh = 0  # the listing showed what changed: only those are fetched
-        else:
-            stale, fresh = self.failed_stale[vm], self.failed[vm]
-        got_stale, retry_after = self.fetch(now, stale)
-        got_fresh, later = self.fetch(now, fresh)
-        retry_after = max(retry_after or 0.0, later or 0.0) or None
-        self.missing[vm] -= got_stale
-        self.failed_stale[vm], self.failed[vm] = stale - got_stale, fresh - got_fresh
-        if self.done_at[vm] is None and now >= self.rotated_at and not self.missing[vm]:
+    def wake(self, now: float, vm: int) -> None:
+        """A poll cycle or a retry pass (Service._poll with backoff.Holds)."""
+        holds, cycle = self.holds[vm], now >= self.next_poll[vm]
+        if cycle:
+            self.next_poll[vm] = now + self.poll_delay()
+        due = [i for i in range(self.sc.certs) if holds.due(URLS[i], now, cycle)]
+        rotated = now >= self.rotated_at
+        listed = self.sc.listing and cycle and self.vault.get_many(now, 1)[0] == 1
+        results = [self.fetch_one(now, vm, i, rotated, listed) for i in due]
+        holds.record(results, now, self.next_poll[vm], self.sc.interval_s)
+        if rotated and self.done_at[vm] is None and self.fresh[vm] == ALL[self.sc.certs]:
             self.done_at[vm] = now
-        self.retry[vm] += 1
-        if (self.failed[vm] or self.failed_stale[vm]) and self.retry[vm] < backoff.CYCLE_ATTEMPTS:
-            delay = backoff.cycle_delay(self.retry[vm], self.rand, 1.0, retry_after)
-            self.push(now + delay, vm, RETRY)
-            return
-        self.push(now + self.poll_delay(), vm, POLL)
+        self.push(holds.next_wake(self.next_poll[vm]), vm, POLL)
+
+    def fetch_one(self, now: float, vm: int, cert: int, rotated: bool, listed: bool,
+                  ) -> CertResult:
+        """One certificate of a pass; with a listing, only the changed ones cost a GET."""
+        stale = rotated and not self.fresh[vm] >> cert & 1
+        if listed and not stale:
+            return CertResult(URLS[cert], Outcome.UNCHANGED)
+        served, retry_after = self.vault.get_many(now, 1)
+        if not served:
+            return CertResult(URLS[cert], Outcome.FAILED, retryable=True,
+                              retry_after=retry_after)
+        if stale:
+            self.fresh[vm] |= 1 << cert
+        return CertResult(URLS[cert], Outcome.INSTALLED if stale else Outcome.UNCHANGED)
 
     def poll_delay(self) -> float:
         """The wait until the next poll (Service._serve)."""
@@ -141,15 +150,16 @@ class Fleet:
             if self.sc.spread_first_poll:
                 enabled += backoff.first_poll_offset(self.sc.interval_s, self.rand)
             if self.sc.rotate:
-                self.missing[vm] = self.sc.certs
-                self.push(enabled + self.poll_delay(), vm, POLL)
+                self.holds.append(backoff.Holds(self.rand))
+                self.next_poll[vm] = enabled + self.poll_delay()
+                self.push(self.next_poll[vm], vm, POLL)
             else:
                 self.push(enabled, vm, INITIAL)
         if self.sc.rotate:
             self.rotated_at = self.rng.uniform(self.sc.interval_s, 2 * self.sc.interval_s)
 
     def run(self, horizon: float) -> None:
-        queue, initial, cycle = self.queue, self.initial, self.cycle
+        queue, initial, wake = self.queue, self.initial, self.wake
         while queue:
             now, vm, kind = heapq.heappop(queue)
             if now > horizon:
@@ -157,7 +167,7 @@ class Fleet:
             if kind == INITIAL:
                 initial(now, vm)
             else:
-                cycle(now, vm, kind)
+                wake(now, vm)
 
 
 @contextlib.contextmanager

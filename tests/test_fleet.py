@@ -78,3 +78,18 @@ def test_rotation_reaches_every_vm_and_listing_saves_requests() -> None:
     assert plain.converged_s <= 3600.0 * (1 + backoff.POLL_JITTER)
     assert listed.converged_s is not None
     assert listed.requests < plain.requests / 2
+
+
+def test_a_throttled_poll_cycle_is_finished_by_retry_passes_not_the_next_poll() -> None:
+    """With room for 2 GETs per 10 s, a 5-certificate cycle gets the rest through the
+    service's retry passes (backoff.Holds) within minutes, not an hour later."""
+    sim = fleet.Fleet(fleet.Scenario("throttled cycle", vms=1, rotate=True, vault_limit=2))
+    sim.start()
+    sim.rotated_at = 0.0
+    first_poll = sim.next_poll[0]
+    with fleet.cached_schedule():
+        sim.run(horizon=first_poll + 300.0)
+    assert sim.vault.throttled > 0
+    done = sim.done_at[0]
+    assert done is not None and done - first_poll < 300.0
+    assert sum(sim.vault.served.values()) == 5
