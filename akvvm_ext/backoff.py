@@ -124,7 +124,7 @@ class Holds:
     A retryable failure holds the certificate for `cycle_delay` (its failures in a row counted):
     a retry pass of its own when that comes before the next poll cycle, else (and once the
     backoff has grown to the interval) the next cycle not sooner than its Retry-After. Success
-    or a permanent failure releases it.
+    or a permanent failure releases it. Times are monotonic seconds, already scaled.
     """
 
     def __init__(self, rand: Rand, scale: float = 1.0) -> None:
@@ -147,10 +147,12 @@ class Holds:
             self._held[result.url] = (Hold(at, own_pass=True) if at < next_poll and not grown
                                       else self._respect(result, now))
 
-    def respect(self, results: Sequence[CertResult], now: float) -> None:
-        """Only honour Retry-After (no retry pass): for failures the initial sync gave up on."""
+    def give_up(self, results: Sequence[CertResult], now: float) -> None:
+        """Failures the initial sync gave up on: no retry passes any more, just the poll cycles
+        (not sooner than Retry-After), until they work again."""
         for result in results:
-            if result.outcome is Outcome.FAILED and result.retry_after is not None:
+            if result.outcome is Outcome.FAILED:
+                self._failures[result.url] = CYCLE_MAX_DOUBLINGS + 1
                 self._held[result.url] = self._respect(result, now)
 
     def _respect(self, result: CertResult, now: float) -> Hold:

@@ -165,7 +165,7 @@ class Service:
             return "success"
         if self._interrupted():
             return "transitioning"
-        self._holds.respect(pending.failed, self._monotonic())
+        self._holds.give_up(pending.failed, self._monotonic())
         self._detail = gave_up(pending.attempts - 1)
         log.error("initial sync failed for %d certificate(s) after %d retries",
                   len(pending.certs), pending.attempts - 1)

@@ -119,6 +119,18 @@ def test_permanent_failures_and_forgotten_certificates_are_released() -> None:
     assert holds.next_wake(3600.0) == 3600.0
 
 
+def test_after_the_initial_sync_gave_up_failures_ride_the_poll_cycles() -> None:
+    """What the initial retries gave up on gets no retry passes; Retry-After still holds."""
+    holds = backoff.Holds(lambda: 0.0)
+    holds.give_up([throttled("a", retry_after=30), throttled("b")], 0.0)
+    assert not holds.due("a", 29.0, cycle=True) and holds.due("b", 1.0, cycle=True)
+    holds.record([throttled("a"), throttled("b")], 3600.0, 7200.0, 3600)
+    assert holds.next_wake(7200.0) == 7200.0
+    holds.record([CertResult("a", Outcome.INSTALLED)], 7200.0, 10800.0, 3600)
+    holds.record([throttled("a")], 7200.0, 10800.0, 3600)
+    assert holds.next_wake(10800.0) == 7202.0  # working again: the backoff starts over
+
+
 def test_initial_sync_ends_within_the_hour_whatever_the_server_asks() -> None:
     """25 x Retry-After 300 s with 24 s attempts: the last retry starts within the hour."""
     elapsed, retries = 24.0, 0
