@@ -6,7 +6,9 @@ never retried inside it. A retryable failure instead gets a retry pass for that 
 jitter growing with each failure in a row, at most the polling interval; the retry pass is that
 certificate's cycle. So no certificate gets more than one GET per cycle or retry pass, nor one
 sooner than its Retry-After or backoff. The initial sync (requireInitialSync) retries on its own
-schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6).
+schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6); what it
+gave up on is then tried once per poll cycle. A reload reports the last results at once and
+syncs again only certificates it added or changed that are not installed.
 
 Settings, vault access, the sync pass, time, randomness and reporting come in as arguments; the
 loop waits only on the stop event, so a stop request ends it at once.
