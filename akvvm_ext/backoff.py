@@ -24,7 +24,6 @@ INITIAL_BUDGET_S = 3600.0
 JITTER_SHORTENS = 0.2  # initial delays are cut by up to 20%, never lengthened
 
 RETRY_AFTER_CAP_S = 300.0  # a server asking for more than this gets retried sooner anyway
-CYCLE_ATTEMPTS = 3  # bench/fleet.py's model of retries per cycle; the service uses `Holds`
 CYCLE_FIRST_S = 2.0  # the first retry pass of a certificate that failed in a poll cycle
 CYCLE_MAX_DOUBLINGS = 40  # keeps 2**n finite; the polling interval caps the delay long before
 
