@@ -15,7 +15,7 @@ import os
 import pwd
 import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -53,10 +53,14 @@ class _Principal:
 Entries = dict[tuple[str, int | None], int]  # (tag u/g/m/o, id or None) -> rwx bits
 
 
-def grant(paths: Sequence[str], store_dir: str, grants: Sequence[AclGrant]) -> list[TraversalGrant]:
+def grant(paths: Sequence[str], store_dir: str, grants: Sequence[AclGrant], *,
+          record: Callable[[Sequence[TraversalGrant]], None] | None = None,
+          ) -> list[TraversalGrant]:
     """Give each principal read on `paths` and the traversal it lacks; return ancestor grants.
 
-    Raises AclError (before changing anything) for an unknown user or group name.
+    `record` hears of each ancestor grant as soon as it is made, so one that a later failure
+    interrupts is still remembered for revert. Raises AclError (before changing anything) for an
+    unknown user or group name.
     """
     principals = [p for g in grants for p in _resolve(g)]
     added: list[TraversalGrant] = []
@@ -68,6 +72,8 @@ def grant(paths: Sequence[str], store_dir: str, grants: Sequence[AclGrant]) -> l
             for ancestor in _ancestors(store_dir):
                 if _ensure(ancestor, principal, EXECUTE):
                     added.append(TraversalGrant(ancestor, principal.kind, principal.id))
+                    if record is not None:
+                        record(added[-1:])
     return added
 
 
@@ -226,7 +232,12 @@ def _entry_text(key: tuple[str, int | None], perms: int) -> str:
 
 
 def _tool(args: list[str]) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise AclError(f"the {args[0]} tool is not installed and pylibacl is unavailable.",
+                       "Install the acl package (apt-get install acl), or set aclEnabled to "
+                       "false.") from None
     if done.returncode != 0:
         code = errno.ENOTSUP if "not supported" in done.stderr else errno.EIO
         raise OSError(code, done.stderr.strip() or f"{args[0]} failed", args[-1])

@@ -201,9 +201,7 @@ def _write_granted(
         return store.write_version(plan)
 
     def grant(path: str) -> None:
-        added = acl.grant([path], plan.store_dir, grants)
-        if added and shared.record_grants:
-            shared.record_grants(added)
+        acl.grant([path], plan.store_dir, grants, record=shared.record_grants)
 
     written = store.write_version(plan, prepare=grant)
     if not written.changed:  # an existing file: the ACL setting may be new

@@ -172,3 +172,35 @@ def test_missing_path_is_an_acl_error(installed: Installed) -> None:
     with pytest.raises(AclError):
         acl.grant([str(installed.store_dir / "gone")], str(installed.store_dir),
                   [AclGrant(user="nobody")])
+
+
+def test_ancestor_grants_are_recorded_even_when_a_later_step_fails(
+    installed: Installed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first principal's ancestor grant is told to `record` before the second one fails."""
+    real_write = acl._write
+
+    def failing_for_daemon(path: str, entries: acl.Entries) -> None:
+        if ("u", pwd.getpwnam("daemon").pw_uid) in entries:
+            raise AclError("simulated failure", "")
+        real_write(path, entries)
+
+    monkeypatch.setattr(acl, "_write", failing_for_daemon)
+    heard: list[acl.TraversalGrant] = []
+    with pytest.raises(AclError):
+        acl.grant([str(installed.version_file)], str(installed.store_dir),
+                  [AclGrant(user="nobody"), AclGrant(user="daemon")], record=heard.extend)
+    assert heard == [acl.TraversalGrant(str(installed.base), "user", NOBODY)]
+
+
+def test_missing_setfacl_says_what_to_install(
+    installed: Installed, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without pylibacl and without the acl tools the error names the tool and the package."""
+    monkeypatch.setattr(acl, "use_tools", True)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(AclError) as caught:
+        acl.grant([str(installed.version_file)], str(installed.store_dir),
+                  [AclGrant(user="nobody")])
+    assert "setfacl" in str(caught.value) or "getfacl" in str(caught.value)
+    assert "apt-get install acl" in str(caught.value)
