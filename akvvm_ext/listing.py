@@ -159,12 +159,19 @@ def stamp_of(props: Any) -> Stamp:
 
 
 class Fetched(Protocol):
-    """What `keyvault.Secret` tells about the version fetched."""
+    """What `keyvault.Secret` tells about the version fetched (read-only: Secret is frozen)."""
 
-    created: datetime | None
-    updated: datetime | None
-    enabled: bool | None
-    content_type: str | None
+    @property
+    def created(self) -> datetime | None: ...
+
+    @property
+    def updated(self) -> datetime | None: ...
+
+    @property
+    def enabled(self) -> bool | None: ...
+
+    @property
+    def content_type(self) -> str | None: ...
 
 
 class Lister(Protocol):
