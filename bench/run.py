@@ -276,34 +276,29 @@ def rotation(rig: Rig, rotations: int = 5) -> dict[str, Any]:
 
 
 def listing_savings(rig: Rig, count: int) -> dict[str, Any]:
-    """Requests per cycle with one GET per certificate vs with listing.ChangeDetector."""
-    from azure.keyvault.secrets import SecretClient
-
+    """Requests per `sync` pass without and with a listing.ChangeDetector, in this process."""
     from akvvm_ext.keyvault import Vaults
     from akvvm_ext.listing import ChangeDetector
+    from akvvm_ext.sync import sync
 
     settings, cred = in_process(rig, count)
-    certs = settings.observed
-    vaults, lister = Vaults(cred), SecretClient(rig.kv.url, cred, verify_challenge_resource=False)
-    detector, kv = ChangeDetector(), rig.kv
+    vaults, detector, kv = Vaults(cred), ChangeDetector(), rig.kv
 
-    def cycle(select: bool) -> tuple[int, int]:
+    def cycle(listing: bool) -> tuple[int, int]:
         before = kv.count(status=200)
-        chosen = (detector.select(certs, lambda _: lister, lambda _: True, time.time()).fetch
-                  if select else certs)
-        for cert in chosen:
-            detector.fetched(cert, vaults.fetch(cert), time.time())
-        return kv.count(status=200) - before, len(chosen)
+        results = sync(settings, vaults, datetime.now(timezone.utc),
+                       detector=detector if listing else None)
+        return kv.count(status=200) - before, sum(r.outcome.value == "installed" for r in results)
 
-    per_cert, _ = cycle(select=False)  # what every cycle costs without listing
-    quiet, _ = cycle(select=True)
+    cycle(listing=True)  # the initial sync: every certificate fetched, baselines recorded
+    per_cert, _ = cycle(listing=False)  # what every cycle costs without listing
+    quiet, _ = cycle(listing=True)
     kv.add_certificate(name(7), make_chain(3, key_type="ec", key_size=256))
-    rotated, fetched = cycle(select=True)
+    rotated, installed = cycle(listing=True)
     vaults.close()
-    lister.close()
     return {"n": count, "secrets_in_vault": count, "per_certificate_gets": per_cert,
             "listing_quiet_cycle": quiet, "listing_one_rotated": rotated,
-            "fetched_after_rotation": fetched, "saved_per_quiet_cycle": per_cert - quiet}
+            "installed_after_rotation": installed, "saved_per_quiet_cycle": per_cert - quiet}
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
