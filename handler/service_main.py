@@ -137,6 +137,7 @@ class Clients:
         self.credential = credential(settings.identity, backoff_scale=scale)
         self.vaults = Vaults(self.credential)
         self.fetch = self.vaults.fetch
+        self.client = self.vaults.client  # for vault listings (akvvm_ext.listing)
 
     def close(self) -> None:
         self.vaults.close()
@@ -147,10 +148,14 @@ make_vaults = Clients  # the factory the Service gets (tests replace it)
 
 
 def _sync_pass(state_dir: str) -> Callable[[Settings, Any, datetime], list[CertResult]]:
-    """The engine's sync, recording ancestor ACL grants in the state dir for uninstall."""
+    """The engine's sync for the service's whole life: one change detector (vault listings
+    instead of a GET per certificate where that costs less), and ancestor ACL grants recorded
+    in the state dir for uninstall."""
+    from akvvm_ext.listing import ChangeDetector
     from akvvm_ext.sync import sync
 
-    return functools.partial(sync, record_grants=grants.recorder(state_dir))
+    return functools.partial(sync, record_grants=grants.recorder(state_dir),
+                             detector=ChangeDetector())
 
 
 def once(config: Config, scale: float) -> int:
