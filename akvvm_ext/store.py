@@ -9,13 +9,13 @@ import errno
 import functools
 import logging
 import os
-import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from akvvm_ext.errors import StoreError
+from akvvm_ext.fsio import fsync_dir, lstat, remove_quietly, remove_stale_temps
 from akvvm_ext.model import ObservedCertificate
 
 log = logging.getLogger("akvvm.store")
@@ -97,37 +97,45 @@ def plan(cert: ObservedCertificate, version: str, pem: bytes) -> StorePlan:
 
 
 def write_version(
-    plan: StorePlan, *, prepare: Prepare | None = None, token: Token = _random_token
+    plan: StorePlan, *, prepare: Prepare | None = None, token: Token = _random_token,
+    sync_dir: bool = True,
 ) -> Change:
     """Write the version file unless it holds the content already; the link is not touched.
 
     Creates the store if missing, first removes this certificate's stale temp files. `prepare`
-    (e.g. ACL grants) runs on a new file before its rename; its exception aborts the write."""
+    (e.g. ACL grants) runs on a new file before its rename; its exception aborts the write.
+    `sync_dir=False` leaves the directory fsync to `point_link(plan, written=<this Change>)`."""
     with _store_errors(plan.store_dir):
         _ensure_dir(plan.store_dir)
-        _remove_stale_temps(plan)
+        remove_stale_temps(plan.store_dir, plan.file_prefix, os.path.basename(plan.link_path))
         wrote, replaced = _install_file(plan, prepare, token)
-        if wrote or replaced:
-            _fsync_dir(plan.store_dir)
+        if sync_dir and (wrote or replaced):
+            fsync_dir(plan.store_dir)
     return Change(wrote=wrote, replaced=replaced)
 
 
-def point_link(plan: StorePlan, *, token: Token = _random_token) -> Change:
-    """Point the link at the version file `write_version` wrote; refuse unless it holds the plan."""
+def point_link(
+    plan: StorePlan, *, token: Token = _random_token, written: Change | None = None
+) -> Change:
+    """Point the link at the version file `write_version` wrote; refuse unless it holds the plan.
+
+    `written`: what `write_version(plan, sync_dir=False)` just returned. The file is then known
+    to hold the plan (not read back), and one directory fsync covers both renames (same dir)."""
     with _store_errors(plan.store_dir):
-        if _read_existing(plan.version_path, len(plan.content)) != plan.content:
+        if written is None and (
+                _read_existing(plan.version_path, len(plan.content)) != plan.content):
             raise StoreError(f"{plan.version_path} does not hold this version; the link stays.",
                              "Write the version file first (store.write_version).")
         moved = _point_link(plan, token)
-        if moved:
-            _fsync_dir(plan.store_dir)
+        if moved or (written is not None and written.changed):
+            fsync_dir(plan.store_dir)
     return Change(moved_link=moved)
 
 
 def apply(plan: StorePlan, *, token: Token = _random_token) -> Change:
     """`write_version` then `point_link`; raise StoreError, leaving what is served intact."""
-    written = write_version(plan, token=token)
-    return replace(written, moved_link=point_link(plan, token=token).moved_link)
+    written = write_version(plan, token=token, sync_dir=False)
+    return replace(written, moved_link=point_link(plan, token=token, written=written).moved_link)
 
 
 @contextlib.contextmanager
@@ -144,7 +152,7 @@ def _store_errors(store_dir: str) -> Iterator[None]:
 
 def _ensure_dir(store_dir: str) -> None:
     """Create the store (0700) if missing; a symlink at the store path itself is refused."""
-    st = _lstat(store_dir)
+    st = lstat(store_dir)
     if st is None:
         _make_parents(os.path.dirname(store_dir))
         with contextlib.suppress(FileExistsError):  # made by someone else meanwhile: checked below
@@ -189,7 +197,7 @@ def _install_file(plan: StorePlan, prepare: Prepare | None, token: Token) -> tup
 
 def _read_existing(path: str, expected_size: int) -> bytes | None:
     """The file's content (up to one byte more than expected), None if absent; never follows."""
-    st = _lstat(path)
+    st = lstat(path)
     if st is None:
         return None
     if not stat.S_ISREG(st.st_mode):
@@ -222,7 +230,7 @@ def _write_atomically(plan: StorePlan, prepare: Prepare | None, token: Token) ->
             prepare(temp)
         os.rename(temp, plan.version_path)
     except BaseException:
-        _remove_quietly(temp)
+        remove_quietly(temp)
         raise
 
 
@@ -233,7 +241,7 @@ def _planted(temp: str) -> StoreError:
 
 def _point_link(plan: StorePlan, token: Token) -> bool:
     """Point the link at the version file; False when it already did."""
-    st = _lstat(plan.link_path)
+    st = lstat(plan.link_path)
     if st is not None and not stat.S_ISLNK(st.st_mode):
         raise StoreError(f"{plan.link_path} exists and is not a symbolic link; left untouched.",
                          "Move it away or choose another customSymbolicLinkName.")
@@ -254,46 +262,5 @@ def _swap_link(plan: StorePlan, token: Token) -> None:
     try:
         os.rename(temp, plan.link_path)
     except BaseException:
-        _remove_quietly(temp)
+        remove_quietly(temp)
         raise
-
-
-def _remove_stale_temps(plan: StorePlan) -> None:
-    """Remove what a killed writer left: `.<prefix>.<version>.tmp-<16 hex>` regular files and
-    `.<link>.lnk-<16 hex>` symlinks, unlinked, never followed. None is in flight: settings give
-    each certificate of a store its own prefix and link, and one service writes at a time."""
-    link = os.path.basename(plan.link_path)
-    temp_file = re.compile(re.escape(f".{plan.file_prefix}.") + r".+\.tmp-[0-9a-f]{16}")
-    temp_link = re.compile(re.escape(f".{link}") + r"\.lnk-[0-9a-f]{16}")
-    with os.scandir(plan.store_dir) as entries:
-        stale = [
-            entry.path for entry in entries
-            if (temp_file.fullmatch(entry.name) and entry.is_file(follow_symlinks=False))
-            or (temp_link.fullmatch(entry.name) and entry.is_symlink())
-        ]
-    for path in stale:
-        log.info("removing %s, left behind by an interrupted write", path)
-        _remove_quietly(path)
-
-
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    """Remove our own temp file; a failure here must not hide the original error."""
-    try:
-        os.unlink(path)
-    except OSError as err:
-        log.warning("could not remove the temp file %s: %s", path, err.strerror)

@@ -179,7 +179,7 @@ def _install(
     converted = bundle.get()
     plan = store.plan(cert, secret.version, converted.pem)
     written = _write_granted(plan, grants, shared)
-    change = replace(written, moved_link=store.point_link(plan).moved_link)
+    change = replace(written, moved_link=store.point_link(plan, written=written).moved_link)
     if change.changed:
         log.info("%s: installed version %s at %s (link %s, notAfter %s)%s", cert.url,
                  plan.version, plan.version_path, plan.link_path, _iso(converted.not_after),
@@ -198,12 +198,12 @@ def _write_granted(
 ) -> store.Change:
     """Write the version file with its ACLs: a new file gets them before it takes its name."""
     if not grants:
-        return store.write_version(plan)
+        return store.write_version(plan, sync_dir=False)
 
     def grant(path: str) -> None:
         acl.grant([path], plan.store_dir, grants, record=shared.record_grants)
 
-    written = store.write_version(plan, prepare=grant)
+    written = store.write_version(plan, prepare=grant, sync_dir=False)
     if not written.changed:  # an existing file: the ACL setting may be new
         grant(plan.version_path)
     return written

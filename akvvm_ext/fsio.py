@@ -1,0 +1,61 @@
+"""The store's small file-system steps: lstat without raising, directory fsync, quiet unlink, and
+the sweep of temp files a killed writer of ours left behind. Never follows a symlink."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+
+log = logging.getLogger("akvvm.store")
+
+# After `.<prefix>.`: `<version>.tmp-<16 hex>`; after `.<link>`: `.lnk-<16 hex>`. Compiled once:
+# a pattern per certificate would be compiled again for each one (the re cache holds 512).
+_TEMP_FILE_TAIL = re.compile(r".+\.tmp-[0-9a-f]{16}")
+_TEMP_LINK_TAIL = re.compile(r"\.lnk-[0-9a-f]{16}")
+
+
+def lstat(path: str) -> os.stat_result | None:
+    """The path's own status, None when it does not exist."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def fsync_dir(path: str) -> None:
+    """Make the renames done in the directory durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path: str) -> None:
+    """Remove our own temp file; a failure here must not hide the original error."""
+    try:
+        os.unlink(path)
+    except OSError as err:
+        log.warning("could not remove the temp file %s: %s", path, err.strerror)
+
+
+def remove_stale_temps(store_dir: str, file_prefix: str, link_name: str) -> None:
+    """Remove what a killed writer left: `.<prefix>.<version>.tmp-<16 hex>` regular files and
+    `.<link>.lnk-<16 hex>` symlinks, unlinked, never followed. None is in flight: settings give
+    each certificate of a store its own prefix and link, and one service writes at a time."""
+    file_start, link_start = f".{file_prefix}.", f".{link_name}"
+    names = [name for name in os.listdir(store_dir)  # one pass of C-level prefix tests
+             if name.startswith((file_start, link_start))]
+    for name in names:
+        if _TEMP_FILE_TAIL.fullmatch(name, len(file_start)) and name.startswith(file_start):
+            wanted = stat.S_ISREG
+        elif _TEMP_LINK_TAIL.fullmatch(name, len(link_start)) and name.startswith(link_start):
+            wanted = stat.S_ISLNK
+        else:
+            continue
+        path = os.path.join(store_dir, name)
+        found = lstat(path)
+        if found is not None and wanted(found.st_mode):
+            log.info("removing %s, left behind by an interrupted write", path)
+            remove_quietly(path)
