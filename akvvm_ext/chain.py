@@ -190,6 +190,8 @@ def _pick_leaf(key: PrivateKeyTypes, certs: Sequence[x509.Certificate]) -> x509.
             "the private key matches none of the certificates in the secret.",
             "The key and the certificates do not belong together. " + _REIMPORT,
         )
+    if len(matching) == 1:
+        return matching[0]
     return max(matching, key=lambda c: (not _is_ca(c), c.not_valid_after_utc))
 
 
@@ -217,6 +219,8 @@ def _find_issuer(
     cert: x509.Certificate, candidates: Sequence[x509.Certificate]
 ) -> x509.Certificate | None:
     named = [c for c in candidates if c.subject == cert.issuer and c != cert]
+    if not named:
+        return None
     authority = _extension_value(cert, x509.AuthorityKeyIdentifier)
     wanted = authority.key_identifier if authority is not None else None
     if wanted is not None:

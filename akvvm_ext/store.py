@@ -189,7 +189,7 @@ def _install_file(plan: StorePlan, prepare: Prepare | None, token: Token) -> tup
         return False, False
     _write_atomically(plan, prepare, token)
     if existing is None:
-        log.info("wrote %s", plan.version_path)
+        log.debug("wrote %s", plan.version_path)
         return True, False
     log.warning("replaced %s: its content differed from the vault's version", plan.version_path)
     return False, True
@@ -248,7 +248,7 @@ def _point_link(plan: StorePlan, token: Token) -> bool:
     if st is not None and os.readlink(plan.link_path) == plan.link_target:
         return False
     _swap_link(plan, token)
-    log.info("%s -> %s", plan.link_path, plan.link_target)
+    log.debug("%s -> %s", plan.link_path, plan.link_target)
     return True
 
 
