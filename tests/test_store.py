@@ -177,6 +177,22 @@ def test_write_version_leaves_the_link_until_point_link(tmp_path: Path) -> None:
     assert store.point_link(plan) == store.Change()
 
 
+def test_point_link_given_the_write_installs_new_and_replaced_files(tmp_path: Path) -> None:
+    """write_version(sync_dir=False) then point_link(written=...) serves the plan, new or replaced."""
+    store_dir = tmp_path / "store"
+    cert = observed(store_dir)
+    install(cert, V1, PEM1)
+    plan = store.plan(cert, V2, PEM2)
+    written = store.write_version(plan, sync_dir=False)
+    assert written == store.Change(wrote=True)
+    assert store.point_link(plan, written=written) == store.Change(moved_link=True)
+    (store_dir / f"myvault.web.{V2}").write_bytes(PEM1)  # same version, other content, served
+    rewritten = store.write_version(plan, sync_dir=False)
+    assert rewritten == store.Change(replaced=True)
+    assert store.point_link(plan, written=rewritten) == store.Change()
+    assert (store_dir / "myvault.web").read_bytes() == PEM2
+
+
 @pytest.mark.parametrize("on_disk", [None, PEM1])
 def test_point_link_refuses_a_version_file_without_the_plan(
     tmp_path: Path, on_disk: bytes | None
