@@ -178,7 +178,7 @@ def test_write_version_leaves_the_link_until_point_link(tmp_path: Path) -> None:
 
 
 def test_point_link_given_the_write_installs_new_and_replaced_files(tmp_path: Path) -> None:
-    """write_version(sync_dir=False) then point_link(written=...) serves the plan, new or replaced."""
+    """write_version(sync_dir=False), then point_link(written=...): new or replaced, served."""
     store_dir = tmp_path / "store"
     cert = observed(store_dir)
     install(cert, V1, PEM1)
