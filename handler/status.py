@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from akvvm_ext import fsio
 from akvvm_ext.model import CertResult, Outcome
 from akvvm_ext.service import Phase
 
@@ -138,20 +139,9 @@ def write(status_dir: str, seq: int, doc: Document) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, os.path.join(status_dir, f"{seq}.status"))
     except BaseException:
-        _remove_quietly(tmp)
+        fsio.remove_quietly(tmp)
         raise
-    dir_fd = os.open(status_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    fsio.fsync_dir(status_dir)
 
 
 def write_error(status_dir: str, seq: int, operation: str, message: str,
