@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 import tenacity
 
 from akvvm_ext import backoff, logs
+from akvvm_ext.board import Board, failing
 from akvvm_ext.model import CertResult, ObservedCertificate, Outcome, Settings
 
 Phase = Literal["transitioning", "success", "error"]
@@ -50,40 +51,10 @@ def _real_sync(settings: Settings, vaults: Any, now: datetime) -> list[CertResul
     return sync(settings, vaults, now)
 
 
-def failing(results: Sequence[CertResult]) -> list[CertResult]:
-    """The results that failed."""
-    return [r for r in results if r.outcome is Outcome.FAILED]
-
-
 def gave_up(retries: int) -> str:
     """The error detail once the initial sync stops retrying."""
     return (f"Gave up after {retries} retries; the service keeps retrying every polling "
             "interval.")
-
-
-class Board:
-    """The latest result of each observed certificate, in settings order: what is reported."""
-
-    def __init__(self, observed: Sequence[ObservedCertificate],
-                 known: Mapping[ObservedCertificate, CertResult] | None = None) -> None:
-        self.observed = tuple(observed)
-        self._latest = {c: known[c] for c in self.observed if known and c in known}
-
-    def update(self, certs: Sequence[ObservedCertificate],
-               results: Sequence[CertResult]) -> None:
-        self._latest.update(zip(certs, results, strict=True))
-
-    def results(self) -> list[CertResult]:
-        return [self._latest[c] for c in self.observed if c in self._latest]
-
-    def missing(self) -> tuple[ObservedCertificate, ...]:
-        """The certificates with nothing installed (never synced, or failed before any version)."""
-        return tuple(c for c in self.observed
-                     if c not in self._latest or self._latest[c].version is None)
-
-    def carried(self, observed: Sequence[ObservedCertificate]) -> Board:
-        """A board for new settings keeping what is known of the certificates still observed."""
-        return Board(observed, self._latest)
 
 
 class Service:
@@ -106,7 +77,7 @@ class Service:
         self._board = Board(())
         self._holds = backoff.Holds(rand, backoff_scale)
         self._phase: Phase = "success"
-        self._detail, self._next_poll = "", 0.0
+        self._detail, self._next_poll, self._report_error = "", 0.0, ""
 
     def request_reload(self) -> None:
         """Ask for a settings reload at the next wake-up (safe from a signal handler)."""
@@ -139,7 +110,7 @@ class Service:
             self._phase = self._initial_retries(settings, vaults, targets)
         else:
             if first:
-                self._reporter.report("success", [], "")
+                self._tell("success", [], "")
             self._cycle_pass(settings, vaults, targets)
             self._phase = "success"
 
@@ -178,7 +149,7 @@ class Service:
         detail = f"Retry {state.attempt_number} of {backoff.INITIAL_RETRIES} in {delay:.0f} s."
         results = self._board.results()
         log.info("initial sync: %d certificate(s) failing; %s", len(failing(results)), detail)
-        self._reporter.report("transitioning", results, detail)
+        self._tell("transitioning", results, detail)
 
     def _poll(self, settings: Settings, vaults: Any) -> None:
         """Poll cycles and retry passes (module docstring) until stop or reload."""
@@ -227,8 +198,23 @@ class Service:
         self._failing = now_failing
 
     def _report(self) -> None:
-        self._reporter.report(self._phase, self._board.results(),
-                              self._detail if self._phase == "error" else "")
+        self._tell(self._phase, self._board.results(),
+                   self._detail if self._phase == "error" else "")
+
+    def _tell(self, phase: Phase, results: Sequence[CertResult], message: str) -> None:
+        """Report through the reporter; a failing write (ENOSPC, EROFS, no status dir) is logged
+        once per distinct error and retried on the next report, never ending the service."""
+        try:
+            self._reporter.report(phase, results, message)
+        except Exception as err:  # noqa: BLE001 - status is best effort; syncing goes on
+            kind = f"{type(err).__name__} {getattr(err, 'errno', '')}"  # not the temp name
+            if kind != self._report_error:
+                log.error("cannot write the status (retried next pass): %s", err)
+            self._report_error = kind
+        else:
+            if self._report_error:
+                log.info("status written again")
+            self._report_error = ""
 
     def _sleep(self, seconds: float) -> None:
         """Wait `seconds` in slices, ending early on stop or a reload request."""

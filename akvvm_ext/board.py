@@ -1,0 +1,37 @@
+"""The board of latest results per observed certificate, in settings order. No I/O."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from akvvm_ext.model import CertResult, ObservedCertificate, Outcome
+
+
+def failing(results: Sequence[CertResult]) -> list[CertResult]:
+    """The results that failed."""
+    return [r for r in results if r.outcome is Outcome.FAILED]
+
+
+
+class Board:
+    """The latest result of each observed certificate, in settings order: what is reported."""
+
+    def __init__(self, observed: Sequence[ObservedCertificate],
+                 known: Mapping[ObservedCertificate, CertResult] | None = None) -> None:
+        self.observed = tuple(observed)
+        self._latest = {c: known[c] for c in self.observed if known and c in known}
+
+    def update(self, certs: Sequence[ObservedCertificate],
+               results: Sequence[CertResult]) -> None:
+        self._latest.update(zip(certs, results, strict=True))
+
+    def results(self) -> list[CertResult]:
+        return [self._latest[c] for c in self.observed if c in self._latest]
+
+    def missing(self) -> tuple[ObservedCertificate, ...]:
+        """The certificates with nothing installed (never synced, or failed before any version)."""
+        return tuple(c for c in self.observed
+                     if c not in self._latest or self._latest[c].version is None)
+
+    def carried(self, observed: Sequence[ObservedCertificate]) -> Board:
+        """A board for new settings keeping what is known of the certificates still observed."""
+        return Board(observed, self._latest)
