@@ -11,10 +11,10 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Protocol, TypeGuard, cast
+from datetime import datetime
+from typing import Protocol, cast
 
-from . import acl, chain, store
+from . import acl, chain, store, verified
 from .errors import AkvvmError
 from .keyvault import Secret
 from .listing import ChangeDetector, Fetched
@@ -29,21 +29,8 @@ class Fetcher(Protocol):
     def fetch(self, cert: ObservedCertificate) -> Secret: ...
 
 
-@dataclass(frozen=True)
-class _Verified:
-    """A version file this process converted and compared against Key Vault's value."""
-
-    path: str
-    stat: tuple[int, int, int]  # inode, size, mtime_ns: a file changed behind us is re-checked
-    acls: tuple[AclGrant, ...]  # the grants applied to it (a new ACL setting re-applies them)
-    not_after: str | None
-    warnings: tuple[str, ...]
-
-
-# Process-wide, per link path (so bounded by the certificates): the first pass of a process
-# converts and compares every installed version (a file written by an older extension is
-# corrected); later passes skip verified versions. Single dict get/set: atomic in CPython.
-_MEMO: dict[str, _Verified] = {}
+# Process-wide memo of verified version files, per link path (see verified.MEMO).
+_MEMO = verified.MEMO
 
 
 GrantsRecorder = Callable[[Sequence[acl.TraversalGrant]], None]
@@ -98,13 +85,13 @@ def _unchanged_by_listing(
     if shared.detector is None or client_for is None or not observed:
         return []
     selection = shared.detector.select(
-        observed, client_for, lambda c: _verified(c, shared.acls_on) is not None,
+        observed, client_for, lambda c: _verified(c, shared) is not None,
         shared.now.timestamp(),
     )
     if selection.list_requests:
         log.debug("listed vaults with %d request(s); %d of %d certificate(s) unchanged",
                   selection.list_requests, len(selection.unchanged), len(observed))
-    found = [(cert, _verified(cert, shared.acls_on)) for cert in selection.unchanged]
+    found = [(cert, _verified(cert, shared)) for cert in selection.unchanged]
     return [(cert, result) for cert, result in found if result is not None]
 
 
@@ -122,7 +109,7 @@ def _sync_group(
     certs: Sequence[ObservedCertificate], shared: _Pass
 ) -> list[tuple[ObservedCertificate, CertResult]]:
     """Fetch once, then install for each observed certificate with this URL."""
-    pinned = [_verified(c, shared.acls_on) if c.version else None for c in certs]
+    pinned = [_verified(c, shared) if c.version else None for c in certs]
     if all(pinned):  # a version never changes: once installed and verified, no GET at all
         return [(cert, result) for cert, result in zip(certs, pinned, strict=True) if result]
     try:
@@ -132,10 +119,13 @@ def _sync_group(
         return [(cert, _failed(cert, err)) for cert in certs]
     except Exception:  # a bug must not take the other certificates down
         log.exception("fetching %s failed unexpectedly", certs[0].url)
+        _tell_detector(shared, certs[0], None)
         return [(cert, _failed(cert, _internal())) for cert in certs]
-    _tell_detector(shared, certs[0], secret)
     bundle = _Lazy(lambda: chain.convert(secret.value, secret.content_type, shared.now))
-    return [(cert, _install_guarded(cert, secret, bundle, shared)) for cert in certs]
+    results = [(cert, _install_guarded(cert, secret, bundle, shared)) for cert in certs]
+    failed = any(result.outcome is Outcome.FAILED for _, result in results)
+    _tell_detector(shared, certs[0], None if failed else secret)  # a failure is retried by GET
+    return results
 
 
 def _tell_detector(shared: _Pass, cert: ObservedCertificate, secret: Secret | None) -> None:
@@ -143,16 +133,16 @@ def _tell_detector(shared: _Pass, cert: ObservedCertificate, secret: Secret | No
         shared.detector.fetched(cert, cast("Fetched | None", secret), shared.now.timestamp())
 
 
-def _verified(cert: ObservedCertificate, acls_on: bool) -> CertResult | None:
+def _verified(cert: ObservedCertificate, shared: _Pass) -> CertResult | None:
     """UNCHANGED when what the link serves was verified by this process (pinned: that version)."""
     current = _installed_quietly(cert)
     known = _MEMO.get(os.path.join(cert.store_dir, cert.link_name))
-    grants = cert.acls if acls_on else ()
+    grants = cert.acls if shared.acls_on else ()
     if current is None or cert.version not in (None, current.version):
         return None
-    if not _still_valid(known, current.path, grants):
+    if not verified.still_valid(known, current.path, grants):
         return None
-    return _result(cert, Outcome.UNCHANGED, current.version, current.path, known)
+    return _result(cert, Outcome.UNCHANGED, current.version, current.path, known, shared.now)
 
 
 def _install_guarded(
@@ -172,7 +162,7 @@ def _install(
 ) -> CertResult:
     """Skip when this version is installed and verified; else convert, write, grant, then link
     (last: it never serves a file a listed user cannot read; an ACL failure leaves it as it was)."""
-    done = _verified(cert, shared.acls_on)
+    done = _verified(cert, shared)
     if done is not None and done.version == secret.version:
         return done
     grants = cert.acls if shared.acls_on else ()
@@ -182,15 +172,17 @@ def _install(
     change = replace(written, moved_link=store.point_link(plan, written=written).moved_link)
     if change.changed:
         log.info("%s: installed version %s at %s (link %s, notAfter %s)%s", cert.url,
-                 plan.version, plan.version_path, plan.link_path, _iso(converted.not_after),
+                 plan.version, plan.version_path, plan.link_path, verified.iso(converted.not_after),
                  " replacing different content" if change.replaced else "")
     for warning in converted.warnings if change.changed else ():
         log.warning("%s: %s", cert.url, warning)
-    verified = _Verified(plan.version_path, _stat(plan.version_path), grants,
-                         _iso(converted.not_after), converted.warnings)
-    _MEMO[plan.link_path] = verified
+    validity = verified.validity_warnings(converted.not_before, converted.not_after, shared.now)
+    known = verified.Verified(
+        plan.version_path, verified.stat(plan.version_path), grants, converted.not_before,
+        converted.not_after, tuple(w for w in converted.warnings if w not in validity))
+    _MEMO[plan.link_path] = known
     outcome = Outcome.INSTALLED if change.changed else Outcome.UNCHANGED
-    return _result(cert, outcome, plan.version, plan.version_path, verified)
+    return _result(cert, outcome, plan.version, plan.version_path, known, shared.now)
 
 
 def _write_granted(
@@ -209,25 +201,9 @@ def _write_granted(
     return written
 
 
-def _still_valid(
-    known: _Verified | None, path: str, grants: tuple[AclGrant, ...]
-) -> TypeGuard[_Verified]:
-    """True when this process already verified the file at `path` with these grants."""
-    if known is None or known.path != path or known.acls != grants:
-        return False
-    try:
-        return known.stat == _stat(path)
-    except OSError:
-        return False
-
-
-def _stat(path: str) -> tuple[int, int, int]:
-    st = os.stat(path, follow_symlinks=False)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _result(
-    cert: ObservedCertificate, outcome: Outcome, version: str, path: str, verified: _Verified
+    cert: ObservedCertificate, outcome: Outcome, version: str, path: str,
+    known: verified.Verified, now: datetime,
 ) -> CertResult:
     return CertResult(
         url=cert.url,
@@ -235,8 +211,8 @@ def _result(
         version=version,
         path=path,
         link=os.path.join(cert.store_dir, cert.link_name),
-        not_after=verified.not_after,
-        warnings=verified.warnings,
+        not_after=verified.iso(known.not_after),
+        warnings=known.warnings_at(now),
     )
 
 
@@ -244,7 +220,8 @@ def _failed(cert: ObservedCertificate, err: AkvvmError, fetched: str | None = No
     """A failed result that still names what is served, so status can say "still serving X"."""
     current = _installed_quietly(cert)
     known = _MEMO.get(os.path.join(cert.store_dir, cert.link_name))
-    not_after = known.not_after if known and current and known.path == current.path else None
+    served = known if known and current and known.path == current.path else None
+    not_after = verified.iso(served.not_after) if served else None
     serving = f" (still serving version {current.version})" if current else ""
     log.warning("%s: %s%s", cert.url, err, serving)
     retry_after = getattr(err, "retry_after", None)
@@ -275,10 +252,6 @@ class _InternalError(AkvvmError):
 
 def _internal() -> AkvvmError:
     return _InternalError("internal error while syncing this certificate.", "See the service log.")
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Lazy:

@@ -1,0 +1,100 @@
+"""Regressions found in review: a failed rotation must stay failed, expiry must surface later."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from akvvm_ext import identity, store, sync
+from akvvm_ext.errors import StoreError
+from akvvm_ext.keyvault import Vaults
+from akvvm_ext.listing import ChangeDetector
+from akvvm_ext.model import CertResult, Identity, Outcome, Settings
+from tests.standins.certfactory import make_chain
+from tests.standins.imds import ImdsStandin
+from tests.standins.keyvault import KeyVaultStandin
+from tests.test_sync import settings, vaults  # noqa: F401 - the fixture
+
+NAMES = ("a", "b", "c")
+
+
+class _Aged:
+    """Three certificates created an hour ago (settled), synced once with a ChangeDetector."""
+
+    def __init__(self, kv: KeyVaultStandin, client: Vaults, store_dir: Path,
+                 clock: list[float]) -> None:
+        self.kv, self.vaults, self.detector, self.clock = kv, client, ChangeDetector(), clock
+        for name in NAMES:
+            kv.add_certificate(name, make_chain())
+        self.wanted: Settings = settings(kv, store_dir, *NAMES)
+        first = self.run()
+        assert {r.outcome for r in first} == {Outcome.INSTALLED}
+        self.v1 = first[1].version
+        clock[0] += 10  # a rotation from now on is seen in the listing as a later update
+
+    def run(self) -> list[CertResult]:
+        return sync.sync(self.wanted, self.vaults, datetime.now(timezone.utc),
+                         detector=self.detector)
+
+
+@pytest.fixture
+def aged(azure_env: dict[str, str], imds: ImdsStandin, tmp_path: Path) -> Iterator[_Aged]:
+    clock = [time.time() - 3600]
+    with KeyVaultStandin(accept_token=imds.token_issued, clock=lambda: clock[0]) as kv:
+        made = Vaults(identity.credential(Identity(imds.url + "/metadata/identity")),
+                      connection_verify=kv.ca_path)
+        yield _Aged(kv, made, tmp_path / "store", clock)
+        made.close()
+
+
+def _still_failing_then_installs(aged: _Aged, failed: list[CertResult]) -> None:
+    assert failed[1].outcome is Outcome.FAILED and failed[1].version == aged.v1
+    aged.kv.reset_counters()
+    again = aged.run()
+    assert again[1].outcome is Outcome.FAILED  # not "unchanged" while v1 is served
+    assert aged.kv.count("b") == 1  # re-fetched, not masked by the listing
+    new = aged.kv.add_certificate("b", make_chain())
+    fixed = aged.run()
+    assert fixed[1].outcome is Outcome.INSTALLED and fixed[1].version == new
+
+
+def test_rotation_with_bad_content_is_retried_not_masked(aged: _Aged) -> None:
+    """A rotation whose content cannot be converted keeps failing on later listed passes."""
+    aged.kv.set_secret("b", "not a certificate", content_type="application/x-pem-file")
+    _still_failing_then_installs(aged, aged.run())
+
+
+def test_rotation_on_full_store_is_retried_not_masked(aged: _Aged) -> None:
+    """A rotation that a full disk stopped is fetched and tried again on the next pass."""
+    aged.kv.add_certificate("b", make_chain())
+
+    def full(*_: Any, **__: Any) -> store.Change:
+        raise StoreError("cannot write the store: No space left on device.", "Free space.")
+
+    with mock.patch.object(sync.store, "write_version", full):
+        failed = aged.run()
+    assert failed[1].outcome is Outcome.FAILED
+    aged.kv.reset_counters()
+    again = aged.run()  # the disk has space again: the rotation lands
+    assert again[1].outcome is Outcome.INSTALLED and again[1].version != aged.v1
+    assert aged.kv.count("b") == 1
+
+
+def test_expiry_after_install_is_warned_on_unchanged_passes(
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path) -> None:  # noqa: F811
+    """A certificate valid at install but expired later gets the expiry warning while unchanged."""
+    now = datetime.now(timezone.utc)
+    kv.add_certificate("web", make_chain(not_after=now + timedelta(days=1)))
+    wanted = settings(kv, tmp_path / "store", "web")
+    [first] = sync.sync(wanted, vaults, now)
+    assert first.outcome is Outcome.INSTALLED and not first.warnings
+    [later] = sync.sync(wanted, vaults, now + timedelta(days=3))
+    assert later.outcome is Outcome.UNCHANGED
+    assert any("expired on" in w for w in later.warnings)
+    [renewed_clock] = sync.sync(wanted, vaults, now)  # the warning follows the pass's time
+    assert not renewed_clock.warnings
