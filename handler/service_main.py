@@ -31,6 +31,12 @@ from handler.pidlock import pidfile, single_instance
 
 log = logging.getLogger("akvvm.main")
 STOP_GRACE_S = 0.7  # SIGTERM to exit stays under a second even when a sync is in flight
+# A SIGHUP before the Service exists (enable's reload right after a start): applied once it does.
+_early_reload = threading.Event()
+
+
+def _note_reload(signum: int, frame: Any) -> None:
+    _early_reload.set()
 
 
 class ConfigError(AkvvmError):
@@ -95,6 +101,7 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     """Run the service (or one pass with --once); 0 on a clean stop, 1 on a bad config."""
+    signal.signal(signal.SIGHUP, _note_reload)  # first: SIGHUP's default action would kill us
     args = _arguments(argv)
     scale, scale_note = backoff.scale_from(os.environ)
     try:
@@ -185,6 +192,9 @@ def serve(config_path: str, config: Config, scale: float) -> Outcome:
         service = Service(loader.load, lambda s: make_vaults(s, scale), reporter,
                           sync=_sync_pass(state_dir), backoff_scale=scale)
         previous = signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+        if _early_reload.is_set():  # checked after the handler moved: none is lost in between
+            _early_reload.clear()
+            service.request_reload()
         try:
             with pidfile(state_dir):
                 return _run(service, loader)

@@ -5,16 +5,30 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from akvvm_ext.model import CertResult
 from akvvm_ext.service import Phase
 from handler.status import StatusReporter
+from tests.standins.certfactory import Chain
 from tests.test_service import FakeSync, Recorder, fail, run_until, service, settings
+from tests.test_service_main import (
+    Layout,
+    _restore_logging,
+    layout,
+    spawn,
+    succeeded_with,
+    wait_until,
+)
+
+__all__ = ["_restore_logging", "layout", "spawn"]  # fixtures shared with test_service_main
 
 
 class FlakyDisk(Recorder):
@@ -61,3 +75,36 @@ def test_missing_status_dir_is_written_once_it_exists(tmp_path: Path) -> None:
     service(lambda: settings("a"), fake, reporter).run(stop)  # type: ignore[arg-type]
     written = json.loads((status_dir / "3.status").read_text())
     assert written[0]["status"]["status"] == "success"
+
+
+
+def opened_by_reader(fifo: Path) -> int | None:
+    """A write end of `fifo` once a reader has it open (None before)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno != errno.ENXIO:
+            raise
+        return None
+
+
+def test_sighup_right_after_start_is_a_reload_not_a_death(
+        layout: Layout, spawn: Callable[..., Any], chain: Callable[..., Chain]) -> None:
+    """enable's reload just after a start: a SIGHUP while config.json is being read (before
+    logging or the lock) is applied once the service runs: new seq reported, process lives on."""
+    layout.add("web", chain())
+    layout.write(layout.raw("web"))
+    first_config = layout.config.read_bytes()
+    layout.config.unlink()
+    os.mkfifo(layout.config)  # the service blocks reading it: a window we hold open
+    proc = spawn()
+    writer = wait_until(lambda: opened_by_reader(layout.config), timeout=10)
+    proc.send_signal(signal.SIGHUP)
+    layout.write(layout.raw("web"), seq=1)  # enable's new seq, replacing the fifo's name
+    os.set_blocking(writer, True)
+    os.write(writer, first_config)
+    os.close(writer)
+    wait_until(lambda: proc.poll() is not None or succeeded_with(layout, 1, seq=1))
+    assert proc.poll() is None and "config reloaded (seq 1)" in layout.log_text()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
