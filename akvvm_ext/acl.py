@@ -77,6 +77,36 @@ def grant(paths: Sequence[str], store_dir: str, grants: Sequence[AclGrant], *,
     return added
 
 
+def set_exact(path: str, grants: Sequence[AclGrant]) -> bool:
+    """Make the named entries of `path` the configured ones; True when some were taken away.
+
+    Each principal of `grants` can read `path`; every other named user or group entry is
+    removed (no grants: no named entry and no mask). Raises AclError for an unknown name; with
+    no grants, a filesystem (or machine) without ACL support has nothing to take away.
+    """
+    principals = [p for g in grants for p in _resolve(g)]
+    keep = {_key(p) for p in principals}
+    with _LOCK:
+        try:
+            entries = _read(path)
+        except AclError:
+            if principals:
+                raise
+            return False
+        stale = [key for key in entries if key[1] is not None and key not in keep]
+        for key in stale:
+            del entries[key]
+        if stale or (("m", None) in entries and not any(k[1] is not None for k in entries)):
+            _write(path, entries)
+        for principal in principals:
+            _ensure(path, principal, READ)
+    return bool(stale)
+
+
+def _key(principal: _Principal) -> tuple[str, int]:
+    return ("u" if principal.kind == "user" else "g", principal.id)
+
+
 def revert(records: Iterable[TraversalGrant]) -> None:
     """Take back traversal grants made by `grant`; gone paths and entries are skipped."""
     with _LOCK:
@@ -157,7 +187,7 @@ def _ensure(path: str, principal: _Principal, bit: int) -> bool:
         raise _acl_error(path, err) from None
     if _allowed(entries, st, principal, bit):
         return False
-    key = ("u" if principal.kind == "user" else "g", principal.id)
+    key = _key(principal)
     entries[key] = entries.get(key, 0) | bit
     _write(path, entries)
     return True

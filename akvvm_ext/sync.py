@@ -188,16 +188,19 @@ def _install(
 def _write_granted(
     plan: store.StorePlan, grants: tuple[AclGrant, ...], shared: _Pass
 ) -> store.Change:
-    """Write the version file with its ACLs: a new file gets them before it takes its name."""
-    if not grants:
-        return store.write_version(plan, sync_dir=False)
+    """Write the version file with its ACLs: a new file gets them before it takes its name.
 
+    Runs on a process's first pass and when the ACL setting changed: named entries that are no
+    longer configured (or aclEnabled false) are taken away from the file to be served."""
     def grant(path: str) -> None:
-        acl.grant([path], plan.store_dir, grants, record=shared.record_grants)
+        if grants:
+            acl.grant([path], plan.store_dir, grants, record=shared.record_grants)
 
     written = store.write_version(plan, prepare=grant, sync_dir=False)
     if not written.changed:  # an existing file: the ACL setting may be new
         grant(plan.version_path)
+    if acl.set_exact(plan.version_path, grants):
+        log.info("%s: took back read access not configured any more", plan.version_path)
     return written
 
 

@@ -204,3 +204,33 @@ def test_missing_setfacl_says_what_to_install(
                   [AclGrant(user="nobody")])
     assert "setfacl" in str(caught.value) or "getfacl" in str(caught.value)
     assert "apt-get install acl" in str(caught.value)
+
+
+def test_set_exact_with_no_grants_takes_every_named_entry_away(installed: Installed) -> None:
+    """Granted user and group lose read; the file is back to a plain 0600 without a mask."""
+    acl.grant([str(installed.version_file)], str(installed.store_dir),
+              [AclGrant(user="nobody", group=NOGROUP)])
+    assert read_as("nobody", installed.link).returncode == 0
+    assert acl.set_exact(str(installed.version_file), []) is True
+    assert getfacl(installed.version_file) == ["user::rw-", "group::---", "other::---"]
+    assert read_as("nobody", installed.link).returncode != 0
+    assert acl.set_exact(str(installed.version_file), []) is False  # nothing left to take
+
+
+def test_set_exact_keeps_the_configured_and_removes_the_rest(installed: Installed) -> None:
+    """Only the group stays configured: the user entry goes, the group still reads."""
+    acl.grant([str(installed.version_file)], str(installed.store_dir),
+              [AclGrant(user="nobody"), AclGrant(user="daemon")])
+    acl.grant([str(installed.version_file)], str(installed.store_dir), [AclGrant(group=NOGROUP)])
+    assert acl.set_exact(str(installed.version_file), [AclGrant(group=NOGROUP)]) is True
+    gid = grp.getgrnam(NOGROUP).gr_gid
+    assert getfacl(installed.version_file) == [
+        "user::rw-", "group::---", f"group:{gid}:r--", "mask::r--", "other::---"]
+    assert read_as("nobody", installed.link).returncode == 0  # through its group
+    assert read_as("daemon", installed.link).returncode != 0
+
+
+def test_set_exact_adds_a_configured_entry_that_is_missing(installed: Installed) -> None:
+    """A configured user without an entry gets read on the file."""
+    assert acl.set_exact(str(installed.version_file), [AclGrant(user="nobody")]) is False
+    assert f"user:{NOBODY}:r--" in getfacl(installed.version_file)

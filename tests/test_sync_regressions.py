@@ -1,6 +1,8 @@
-"""Regressions found in review: a failed rotation must stay failed, expiry must surface later."""
+"""Regressions found in review: a failed rotation stays failed, expiry surfaces later, and a
+removed ACL is taken back."""
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -10,7 +12,7 @@ from unittest import mock
 
 import pytest
 
-from akvvm_ext import identity, store, sync
+from akvvm_ext import acl, identity, store, sync
 from akvvm_ext.errors import StoreError
 from akvvm_ext.keyvault import Vaults
 from akvvm_ext.listing import ChangeDetector
@@ -18,7 +20,7 @@ from akvvm_ext.model import CertResult, Identity, Outcome, Settings
 from tests.standins.certfactory import make_chain
 from tests.standins.imds import ImdsStandin
 from tests.standins.keyvault import KeyVaultStandin
-from tests.test_sync import settings, vaults  # noqa: F401 - the fixture
+from tests.test_sync import NOW, getfacl, settings, vaults  # noqa: F401 - the fixture
 
 NAMES = ("a", "b", "c")
 
@@ -98,3 +100,51 @@ def test_expiry_after_install_is_warned_on_unchanged_passes(
     assert any("expired on" in w for w in later.warnings)
     [renewed_clock] = sync.sync(wanted, vaults, now)  # the warning follows the pass's time
     assert not renewed_clock.warnings
+
+
+def _nobody_reads(link: str | None) -> bool:
+    done = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(link)],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("revoked", [{"acls": []}, {"aclEnabled": False}])
+def test_revoked_acl_is_taken_back_after_a_restart(
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path,  # noqa: F811
+        revoked: dict[str, Any]) -> None:
+    """Removing the user from acls, or aclEnabled false, leaves the link unreadable to it."""
+    kv.add_certificate("web", make_chain())
+    recorded: list[acl.TraversalGrant] = []
+    entry = {"name": "web", "acls": [{"user": "nobody"}]}
+    try:
+        [granted] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                              record_grants=recorded.extend)
+        assert _nobody_reads(granted.link) and "user:nobody:r--" in getfacl(granted.path or "")
+        sync._MEMO.clear()  # a restarted service: the new settings come with a fresh process
+        acls = revoked.get("acls", entry["acls"])
+        flags = {k: v for k, v in revoked.items() if k != "acls"}
+        wanted = settings(kv, tmp_path / "store", {**entry, "acls": acls}, **flags)
+        [after] = sync.sync(wanted, vaults, NOW, record_grants=recorded.extend)
+        assert after.outcome is Outcome.UNCHANGED and after.path == granted.path
+        assert "nobody" not in getfacl(after.path or "") and "mask" not in getfacl(after.path or "")
+        assert not _nobody_reads(after.link)
+    finally:
+        acl.revert(recorded)
+
+
+def test_acl_change_within_a_process_is_applied(
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path) -> None:  # noqa: F811
+    """Without a restart too, a user taken out of acls can no longer read the link."""
+    kv.add_certificate("web", make_chain())
+    recorded: list[acl.TraversalGrant] = []
+    both = {"name": "web", "acls": [{"user": "nobody"}, {"user": "daemon"}]}
+    try:
+        sync.sync(settings(kv, tmp_path / "store", both), vaults, NOW,
+                  record_grants=recorded.extend)
+        only_daemon = {"name": "web", "acls": [{"user": "daemon"}]}
+        [after] = sync.sync(settings(kv, tmp_path / "store", only_daemon), vaults, NOW,
+                            record_grants=recorded.extend)
+        assert not _nobody_reads(after.link)
+        assert "user:daemon:r--" in getfacl(after.path or "")
+    finally:
+        acl.revert(recorded)
