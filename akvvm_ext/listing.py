@@ -41,7 +41,8 @@ class Stamp:
 
 @dataclass(frozen=True)
 class Listing:
-    """A complete listing of one vault: stamps by secret name and the requests it took."""
+    """A complete listing of one vault: stamps by lower-cased secret name (Key Vault names are
+    case-insensitive) and the requests it took."""
 
     stamps: Mapping[str, Stamp]
     pages: int
@@ -54,6 +55,8 @@ class NotListed:
     # "forbidden" (403 or another 4xx), "costly", "failed" (429, 5xx, network), "skipped"
     reason: str
     pages: int = 0
+    # what the pages read before giving up said (current, so still trusted), by lower-cased name
+    stamps: Mapping[str, Stamp] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Seen:
 class VaultMemory:
     """What we remember about one vault between cycles."""
 
-    seen: Mapping[str, Seen] = field(default_factory=dict)
+    seen: Mapping[str, Seen] = field(default_factory=dict)  # by lower-cased secret name
     pages: int | None = None  # pages the last complete listing took (empty pages included)
     list_after: float = 0.0  # no listing before this time (after a 403 or a too costly listing)
 
@@ -96,11 +99,13 @@ def strategy(memory: VaultMemory, candidates: int, now: float) -> int:
 
 
 def needs_fetch(
-    name: str, memory: VaultMemory, listing: Listing, now: float, settle_s: float = SETTLE_S
+    name: str, memory: VaultMemory, listing: Listing | NotListed, now: float,
+    settle_s: float = SETTLE_S,
 ) -> bool:
-    """Whether the listing leaves any doubt that the installed version is still the current one."""
-    seen = memory.seen.get(name)
-    stamp = listing.stamps.get(name)
+    """Whether the listing (or the part read of it) leaves any doubt that the installed version
+    is still the current one; `name` in any case."""
+    seen = memory.seen.get(name.lower())
+    stamp = listing.stamps.get(name.lower())
     if seen is None or stamp is None or stamp != seen.stamp:
         return True
     return not settled(seen, now, settle_s)
@@ -117,15 +122,14 @@ def plan(
     """The certificates of one vault that must be fetched this cycle.
 
     Pinned versions are fetched only until installed; latest-version ones when nothing is
-    installed, when listing gave no answer, or when the listing shows a change (or any doubt).
+    installed, when the listing (or the part read before it was abandoned) does not show them,
+    or shows a change (or any doubt).
     """
     def fetch(cert: ObservedCertificate) -> bool:
         if not installed(cert):
             return True
         if cert.version is not None:
             return False
-        if isinstance(listing, NotListed):
-            return True
         return needs_fetch(cert.secret_name, memory, listing, now, settle_s)
 
     return tuple(cert for cert in certs if fetch(cert))
@@ -141,9 +145,9 @@ def after_listing(memory: VaultMemory, listing: Listing | NotListed, now: float)
 
 def with_baseline(memory: VaultMemory, name: str, stamp: Stamp | None, now: float) -> VaultMemory:
     """The memory after fetching `name`: its stamp becomes the baseline (None forgets it)."""
-    seen = {key: value for key, value in memory.seen.items() if key != name}
+    seen = {key: value for key, value in memory.seen.items() if key != name.lower()}
     if stamp is not None:
-        seen[name] = Seen(stamp, now)
+        seen[name.lower()] = Seen(stamp, now)
     return replace(memory, seen=seen)
 
 
@@ -191,15 +195,15 @@ def list_vault(client: Lister, max_pages: int) -> Listing | NotListed:
         for page in pager:
             pages += 1
             for props in page:
-                stamps[props.name] = stamp_of(props)
+                stamps[props.name.lower()] = stamp_of(props)
             if pages >= max_pages and getattr(pager, "continuation_token", None):
-                return NotListed("costly", pages)
+                return NotListed("costly", pages, stamps)
     except HttpResponseError as err:
         status = err.status_code or 0
         transient = status == 429 or status >= 500
-        return NotListed("failed" if transient else "forbidden", pages + 1)
+        return NotListed("failed" if transient else "forbidden", pages + 1, stamps)
     except AzureError:
-        return NotListed("failed", pages + 1)
+        return NotListed("failed", pages + 1, stamps)
     return Listing(stamps, pages)
 
 
@@ -266,8 +270,8 @@ class ChangeDetector:
             memory = self._memory.get(vault_url, VaultMemory())
         candidates = [
             cert for cert in certs
-            if cert.version is None and cert.secret_name in memory.seen
-            and settled(memory.seen[cert.secret_name], now, self._settle_s)
+            if cert.version is None and cert.secret_name.lower() in memory.seen
+            and settled(memory.seen[cert.secret_name.lower()], now, self._settle_s)
         ]
         max_pages = strategy(memory, len(candidates), now)
         listing: Listing | NotListed = NotListed("skipped")  # no listing: GET them all

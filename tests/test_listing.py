@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -16,7 +17,8 @@ from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import RequestsTransport
 from azure.keyvault.secrets import SecretClient
 
-from akvvm_ext import listing
+from akvvm_ext import identity, listing, sync
+from akvvm_ext.keyvault import Vaults
 from akvvm_ext.listing import (
     ChangeDetector,
     Listing,
@@ -28,7 +30,11 @@ from akvvm_ext.listing import (
     plan,
     strategy,
 )
-from akvvm_ext.model import ObservedCertificate
+from akvvm_ext.model import Identity, ObservedCertificate
+from tests.standins.certfactory import make_chain
+from tests.standins.imds import ImdsStandin
+from tests.standins.keyvault import KeyVaultStandin
+from tests.test_sync import settings
 
 VAULT = "https://fleet.vault.azure.net"
 NOW = 1_800_000_000.0
@@ -152,6 +158,7 @@ class FakeVault(requests.adapters.BaseAdapter):
     empty_page_after: int | None = None
     status: int = 200
     requests_seen: int = 0
+    fail_from: int | None = None  # pages from this item on answer 503
 
     def send(self, request: requests.PreparedRequest, **_: object) -> requests.Response:
         """One HTTP exchange."""
@@ -164,6 +171,8 @@ class FakeVault(requests.adapters.BaseAdapter):
             return self._answer(self.status, {"error": {"code": "Forbidden", "message": "no"}})
         query = parse_qs(urlsplit(str(request.url)).query)
         start = int(query.get("$skiptoken", ["0"])[0])
+        if self.fail_from is not None and start >= self.fail_from:
+            return self._answer(503, {"error": {"code": "ServiceUnavailable", "message": "x"}})
         size = int(query.get("maxresults", ["25"])[0])
         if self.empty_page_after is not None and start == self.empty_page_after:
             self.empty_page_after = None
@@ -259,9 +268,9 @@ def run_cycle(detector: ChangeDetector, vault: FakeVault, certs: list[ObservedCe
     """One sync cycle as sync.py runs it: select, then record each fetch."""
     client = client_of(vault)
     chosen = detector.select(certs, lambda _: client, installed, now)
-    stamps = {str(i["id"]).rsplit("/", 1)[1]: i["attributes"] for i in vault.items}
+    stamps = {str(i["id"]).rsplit("/", 1)[1].lower(): i["attributes"] for i in vault.items}
     for c in chosen.fetch:
-        attrs = stamps[c.secret_name]
+        attrs = stamps[c.secret_name.lower()]
         assert isinstance(attrs, dict)
         detector.fetched(c, Version(at(attrs["created"]), at(attrs["updated"])), now)
     return chosen
@@ -307,3 +316,50 @@ def test_detector_never_lists_for_one_or_two_certificates(count: int) -> None:
     assert second.list_requests <= max(0, count - 1)
     third = run_cycle(detector, vault, certs, NOW + 7200)
     assert third.list_requests == 0 and len(third.fetch) == count
+
+
+def test_detector_matches_secret_names_in_any_case() -> None:
+    """Observing `…/secrets/web07` of a secret named `Web07`: quiet cycles list, fetch nothing."""
+    vault = FakeVault([item(f"Web{i:02}", OLD) for i in range(30)])
+    certs = [cert(f"web{i:02}") for i in range(30)]
+    detector = ChangeDetector()
+    assert len(run_cycle(detector, vault, certs, NOW).fetch) == 30
+    quiet = run_cycle(detector, vault, certs, NOW + 3600)
+    assert (len(quiet.fetch), quiet.list_requests) == (0, 2)
+    vault.items[7] = item("Web07", int(NOW) + 3700)
+    rotated = run_cycle(detector, vault, certs, NOW + 7200)
+    assert [c.secret_name for c in rotated.fetch] == ["web07"]
+
+
+def test_abandoned_listing_still_spares_the_certificates_it_showed_unchanged() -> None:
+    """A 503 on page 2: the 25 certificates page 1 showed unchanged are not fetched again."""
+    vault = FakeVault([item(f"s{i:02}", OLD) for i in range(60)])
+    certs = [cert(f"s{i:02}") for i in range(60)]
+    detector = ChangeDetector()
+    run_cycle(detector, vault, certs, NOW)
+    vault.fail_from = 25
+    partial = run_cycle(detector, vault, certs, NOW + 3600)
+    assert [c.secret_name for c in partial.fetch] == [f"s{i:02}" for i in range(25, 60)]
+    assert partial.list_requests == 2
+
+
+def test_stand_in_quiet_cycles_list_once_whatever_the_case(
+        azure_env: dict[str, str], imds: ImdsStandin, tmp_path: Path) -> None:
+    """Real sync against the stand-in: secrets `Web0..3` observed as `web0..3` cost one listing
+    page per quiet cycle, no GET per certificate."""
+    hour_ago = time.time() - 3600
+    with KeyVaultStandin(accept_token=imds.token_issued, clock=lambda: hour_ago) as kv:
+        for i in range(4):
+            kv.add_certificate(f"Web{i}", make_chain())
+        vaults = Vaults(identity.credential(Identity(imds.url + "/metadata/identity")),
+                        connection_verify=kv.ca_path)
+        detector = ChangeDetector()
+        wanted = settings(kv, tmp_path / "store", *[f"web{i}" for i in range(4)])
+        try:
+            sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+            for _ in range(2):
+                kv.reset_counters()
+                sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+                assert kv.requests == [("GET", "/secrets", 200)]
+        finally:
+            vaults.close()
