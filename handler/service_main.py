@@ -102,6 +102,9 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """Run the service (or one pass with --once); 0 on a clean stop, 1 on a bad config."""
     signal.signal(signal.SIGHUP, _note_reload)  # first: SIGHUP's default action would kill us
+    # bin/akvvm blocks SIGHUP before Python imports anything; one that came meanwhile is pending
+    # and is delivered to `_note_reload` now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     args = _arguments(argv)
     scale, scale_note = backoff.scale_from(os.environ)
     try:

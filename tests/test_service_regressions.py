@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,8 @@ from handler.status import StatusReporter
 from tests.standins.certfactory import Chain
 from tests.test_service import FakeSync, Recorder, fail, run_until, service, settings
 from tests.test_service_main import (
+    ROOT,
+    SCALE,
     Layout,
     _restore_logging,
     layout,
@@ -108,3 +112,46 @@ def test_sighup_right_after_start_is_a_reload_not_a_death(
     assert proc.poll() is None and "config reloaded (seq 1)" in layout.log_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
+
+
+def sighup_blocked(pid: int) -> bool:
+    """The process has SIGHUP blocked (bin/akvvm's bootstrap does it before any import)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    blocked = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(blocked, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_launcher_keeps_a_sighup_during_start_up_pending(
+        layout: Layout, chain: Callable[..., Chain], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bin/akvvm service` (what the unit and the daemon run): a SIGHUP that arrives while
+    Python is still importing is neither fatal nor lost; the new seq gets its status."""
+    monkeypatch.setenv("AKVVM_BACKOFF_SCALE", SCALE)
+    layout.add("web", chain())
+    layout.write(layout.raw("web"))
+    first_config = layout.config.read_bytes()
+    layout.config.unlink()
+    os.mkfifo(layout.config)
+    proc = subprocess.Popen([str(ROOT / "bin" / "akvvm"), "service", "--config",
+                             str(layout.config)], cwd="/", env={**os.environ,
+                            "AKVVM_PYTHON": sys.executable}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: sighup_blocked(proc.pid), timeout=10)
+        proc.send_signal(signal.SIGHUP)  # before main() runs, most likely mid-import
+        writer = wait_until(lambda: opened_by_reader(layout.config), timeout=20)
+        layout.write(layout.raw("web"), seq=1)
+        os.set_blocking(writer, True)
+        os.write(writer, first_config)
+        os.close(writer)
+        wait_until(lambda: proc.poll() is not None or succeeded_with(layout, 1, seq=1))
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert "config reloaded (seq 1)" in layout.log_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
