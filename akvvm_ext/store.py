@@ -9,6 +9,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ log = logging.getLogger("akvvm.store")
 Token = Callable[[], str]  # names temp files: unpredictable by default, tests pass their own
 Prepare = Callable[[str], None]  # called with a new version file's temp path before its rename
 _random_token: Token = functools.partial(secrets.token_hex, 8)
+_VERSION_ID = re.compile(r"[0-9a-fA-F]{32}")  # Key Vault's version ids
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _HINTS = {
     errno.ENOSPC: "Free space on the store's filesystem; the previous version keeps being served.",
@@ -83,6 +85,18 @@ def installed(cert: ObservedCertificate) -> Installed | None:
             or not name.startswith(prefix) or not os.path.isfile(path)):
         return None
     return Installed(version=name[len(prefix) :], path=path)
+
+
+def older_versions(plan: StorePlan) -> list[str]:
+    """The other version files of the plan's certificate in its store (regular files only)."""
+    try:
+        names = os.listdir(plan.store_dir)
+    except OSError:
+        return []
+    prefix, current = plan.file_prefix + ".", os.path.basename(plan.version_path)
+    found = [os.path.join(plan.store_dir, n) for n in sorted(names)
+             if n != current and n.startswith(prefix) and _VERSION_ID.fullmatch(n[len(prefix):])]
+    return [p for p in found if stat.S_ISREG(os.lstat(p).st_mode)]
 
 
 def plan(cert: ObservedCertificate, version: str, pem: bytes) -> StorePlan:

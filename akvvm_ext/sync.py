@@ -201,7 +201,19 @@ def _write_granted(
         grant(plan.version_path)
     if acl.set_exact(plan.version_path, grants):
         log.info("%s: took back read access not configured any more", plan.version_path)
+    _take_back_from_older(plan, grants)
     return written
+
+
+def _take_back_from_older(plan: store.StorePlan, grants: tuple[AclGrant, ...]) -> None:
+    """Older versions stay on disk but are served no more: only the configured principals keep
+    read access, so a user taken out of `acls` cannot read an old private key by its path."""
+    for path in store.older_versions(plan):
+        try:
+            if acl.set_exact(path, grants):
+                log.info("%s: took back read access not configured any more", path)
+        except AkvvmError as err:  # the served file got its ACL; an old one must not fail it
+            log.warning("%s: %s", path, err)
 
 
 def _result(

@@ -2,6 +2,7 @@
 removed ACL is taken back."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -146,5 +147,28 @@ def test_acl_change_within_a_process_is_applied(
                             record_grants=recorded.extend)
         assert not _nobody_reads(after.link)
         assert "user:daemon:r--" in getfacl(after.path or "")
+    finally:
+        acl.revert(recorded)
+
+
+def test_revoked_acl_is_taken_back_from_older_versions_too(
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path) -> None:  # noqa: F811
+    """Old versions stay on disk; a user taken out of acls cannot read them by their path."""
+    kv.add_certificate("web", make_chain())
+    recorded: list[acl.TraversalGrant] = []
+    entry = {"name": "web", "acls": [{"user": "nobody"}]}
+    try:
+        [first] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                            record_grants=recorded.extend)
+        kv.add_certificate("web", make_chain())
+        [second] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                             record_grants=recorded.extend)
+        assert second.path != first.path and _nobody_reads(first.path)
+        sync._MEMO.clear()  # a restarted service with the user taken out
+        [after] = sync.sync(settings(kv, tmp_path / "store", {**entry, "acls": []}), vaults,
+                            NOW, record_grants=recorded.extend)
+        assert not _nobody_reads(after.path) and not _nobody_reads(first.path)
+        assert "nobody" not in getfacl(first.path or "")
+        assert os.path.isfile(first.path or "")  # kept, as every old version is
     finally:
         acl.revert(recorded)
