@@ -77,7 +77,7 @@ def _fail(operation: str, status_dir: str, seq: int, message: str, code: int) ->
         return 0
     try:
         os.makedirs(status_dir, exist_ok=True)
-        status.write_error(status_dir, seq, operation.capitalize(), message)
+        status.write_error(status_dir, seq, operation.capitalize(), message, code=code)
     except OSError as err:
         log.error("cannot write the error status in %s: %s", status_dir, err)
     return code

@@ -46,15 +46,18 @@ def formatted(message: str, limit: int = MESSAGE_MAX) -> dict[str, str]:
 
 
 def document(operation: str, status: str, message: str,
-             substatus: Sequence[dict[str, Any]] = (), *, now: datetime) -> Document:
-    """A complete status document (SPEC 3.4); `status` is one of STATUSES, lowercase."""
+             substatus: Sequence[dict[str, Any]] = (), *, now: datetime,
+             code: int | None = None) -> Document:
+    """A complete status document (SPEC 3.4); `status` is one of STATUSES, lowercase; `code`
+    defaults to 1 for an error (a lifecycle command passes its exit code) and 0 otherwise."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
     if bad := [e.get("status") for e in substatus if e.get("status") not in SUBSTATUSES]:
         raise ValueError(f"substatus status {bad[0]!r} is not one of {', '.join(SUBSTATUSES)}")
     body: dict[str, Any] = {
         "name": NAME, "operation": operation, "status": status,
-        "code": 1 if status == "error" else 0, "formattedMessage": formatted(message),
+        "code": code if code is not None else int(status == "error"),
+        "formattedMessage": formatted(message),
     }
     if substatus:
         body["substatus"] = list(substatus)
@@ -145,10 +148,11 @@ def write(status_dir: str, seq: int, doc: Document) -> None:
 
 
 def write_error(status_dir: str, seq: int, operation: str, message: str,
-                now: datetime | None = None) -> None:
-    """Convenience for the one place that turns an error into a status before exiting."""
+                now: datetime | None = None, code: int = 1) -> None:
+    """Convenience for the one place that turns an error into a status before exiting; `code`
+    is the exit code that follows, as the shell launcher and the import guard report it."""
     write(status_dir, seq, document(operation, "error", message,
-                                    now=now or datetime.now(timezone.utc)))
+                                    now=now or datetime.now(timezone.utc), code=code))
 
 
 class StatusReporter:

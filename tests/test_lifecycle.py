@@ -180,6 +180,7 @@ def test_invalid_settings_report_every_problem_and_keep_the_service(tree):
     assert tree.run("enable", 2) == lifecycle_exit_settings()
     message = tree.status(2)["formattedMessage"]["message"]
     assert tree.status(2)["status"] == "error"
+    assert tree.status(2)["code"] == lifecycle_exit_settings()  # the status says the exit code
     assert "observedCertificates[0]" in message and "observedCertificates[1]" in message
     assert "/secrets/b" in message  # the hint gives the /secrets/ form
     assert tree.config()["seq"] == 1 and tree.pid() == pid
