@@ -103,6 +103,14 @@ def test_expiry_after_install_is_warned_on_unchanged_passes(
     assert not renewed_clock.warnings
 
 
+@pytest.fixture
+def recorded() -> Iterator[list[acl.TraversalGrant]]:
+    """The ancestor grants a test's sync passes made, taken back when it ends."""
+    grants: list[acl.TraversalGrant] = []
+    yield grants
+    acl.revert(grants)
+
+
 def _nobody_reads(link: str | None) -> bool:
     done = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(link)],
                           capture_output=True, check=False)
@@ -112,63 +120,53 @@ def _nobody_reads(link: str | None) -> bool:
 @pytest.mark.parametrize("revoked", [{"acls": []}, {"aclEnabled": False}])
 def test_revoked_acl_is_taken_back_after_a_restart(
         vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path,  # noqa: F811
-        revoked: dict[str, Any]) -> None:
+        recorded: list[acl.TraversalGrant], revoked: dict[str, Any]) -> None:
     """Removing the user from acls, or aclEnabled false, leaves the link unreadable to it."""
     kv.add_certificate("web", make_chain())
-    recorded: list[acl.TraversalGrant] = []
     entry = {"name": "web", "acls": [{"user": "nobody"}]}
-    try:
-        [granted] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
-                              record_grants=recorded.extend)
-        assert _nobody_reads(granted.link) and "user:nobody:r--" in getfacl(granted.path or "")
-        sync._MEMO.clear()  # a restarted service: the new settings come with a fresh process
-        acls = revoked.get("acls", entry["acls"])
-        flags = {k: v for k, v in revoked.items() if k != "acls"}
-        wanted = settings(kv, tmp_path / "store", {**entry, "acls": acls}, **flags)
-        [after] = sync.sync(wanted, vaults, NOW, record_grants=recorded.extend)
-        assert after.outcome is Outcome.UNCHANGED and after.path == granted.path
-        assert "nobody" not in getfacl(after.path or "") and "mask" not in getfacl(after.path or "")
-        assert not _nobody_reads(after.link)
-    finally:
-        acl.revert(recorded)
+    [granted] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                          record_grants=recorded.extend)
+    assert _nobody_reads(granted.link) and "user:nobody:r--" in getfacl(granted.path or "")
+    sync._MEMO.clear()  # a restarted service: the new settings come with a fresh process
+    acls = revoked.get("acls", entry["acls"])
+    flags = {k: v for k, v in revoked.items() if k != "acls"}
+    wanted = settings(kv, tmp_path / "store", {**entry, "acls": acls}, **flags)
+    [after] = sync.sync(wanted, vaults, NOW, record_grants=recorded.extend)
+    assert after.outcome is Outcome.UNCHANGED and after.path == granted.path
+    assert "nobody" not in getfacl(after.path or "") and "mask" not in getfacl(after.path or "")
+    assert not _nobody_reads(after.link)
 
 
 def test_acl_change_within_a_process_is_applied(
-        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path) -> None:  # noqa: F811
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path,  # noqa: F811
+        recorded: list[acl.TraversalGrant]) -> None:
     """Without a restart too, a user taken out of acls can no longer read the link."""
     kv.add_certificate("web", make_chain())
-    recorded: list[acl.TraversalGrant] = []
     both = {"name": "web", "acls": [{"user": "nobody"}, {"user": "daemon"}]}
-    try:
-        sync.sync(settings(kv, tmp_path / "store", both), vaults, NOW,
-                  record_grants=recorded.extend)
-        only_daemon = {"name": "web", "acls": [{"user": "daemon"}]}
-        [after] = sync.sync(settings(kv, tmp_path / "store", only_daemon), vaults, NOW,
-                            record_grants=recorded.extend)
-        assert not _nobody_reads(after.link)
-        assert "user:daemon:r--" in getfacl(after.path or "")
-    finally:
-        acl.revert(recorded)
+    sync.sync(settings(kv, tmp_path / "store", both), vaults, NOW,
+              record_grants=recorded.extend)
+    only_daemon = {"name": "web", "acls": [{"user": "daemon"}]}
+    [after] = sync.sync(settings(kv, tmp_path / "store", only_daemon), vaults, NOW,
+                        record_grants=recorded.extend)
+    assert not _nobody_reads(after.link)
+    assert "user:daemon:r--" in getfacl(after.path or "")
 
 
 def test_revoked_acl_is_taken_back_from_older_versions_too(
-        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path) -> None:  # noqa: F811
+        vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path,  # noqa: F811
+        recorded: list[acl.TraversalGrant]) -> None:
     """Old versions stay on disk; a user taken out of acls cannot read them by their path."""
     kv.add_certificate("web", make_chain())
-    recorded: list[acl.TraversalGrant] = []
     entry = {"name": "web", "acls": [{"user": "nobody"}]}
-    try:
-        [first] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
-                            record_grants=recorded.extend)
-        kv.add_certificate("web", make_chain())
-        [second] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
-                             record_grants=recorded.extend)
-        assert second.path != first.path and _nobody_reads(first.path)
-        sync._MEMO.clear()  # a restarted service with the user taken out
-        [after] = sync.sync(settings(kv, tmp_path / "store", {**entry, "acls": []}), vaults,
-                            NOW, record_grants=recorded.extend)
-        assert not _nobody_reads(after.path) and not _nobody_reads(first.path)
-        assert "nobody" not in getfacl(first.path or "")
-        assert os.path.isfile(first.path or "")  # kept, as every old version is
-    finally:
-        acl.revert(recorded)
+    [first] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                        record_grants=recorded.extend)
+    kv.add_certificate("web", make_chain())
+    [second] = sync.sync(settings(kv, tmp_path / "store", entry), vaults, NOW,
+                         record_grants=recorded.extend)
+    assert second.path != first.path and _nobody_reads(first.path)
+    sync._MEMO.clear()  # a restarted service with the user taken out
+    [after] = sync.sync(settings(kv, tmp_path / "store", {**entry, "acls": []}), vaults,
+                        NOW, record_grants=recorded.extend)
+    assert not _nobody_reads(after.path) and not _nobody_reads(first.path)
+    assert "nobody" not in getfacl(first.path or "")
+    assert os.path.isfile(first.path or "")  # kept, as every old version is
