@@ -62,7 +62,8 @@ def convert(value: str, content_type: str | None, now: datetime) -> Bundle:
         raise ContentError("the secret holds no private key.", _REIMPORT)
     leaf = _pick_leaf(parsed.key, parsed.certs)
     chain, dropped = _order(leaf, [c for c in parsed.certs if c != leaf])
-    warnings = parsed.warnings + _dropped_warnings(dropped) + _validity_warnings(leaf, now)
+    warnings = (parsed.warnings + _dropped_warnings(dropped)
+                + validity_warnings(leaf.not_valid_before_utc, leaf.not_valid_after_utc, now))
     return Bundle(
         pem=_render(chain, parsed.key),
         not_after=leaf.not_valid_after_utc,
@@ -265,15 +266,15 @@ def _dropped_warnings(dropped: Sequence[x509.Certificate]) -> tuple[str, ...]:
     return (f"dropped {len(dropped)} certificate(s) not in the leaf's chain: {names}.",)
 
 
-def _validity_warnings(leaf: x509.Certificate, now: datetime) -> tuple[str, ...]:
+def validity_warnings(not_before: datetime, not_after: datetime, now: datetime) -> tuple[str, ...]:
+    """The SPEC §7 warning for a leaf used outside its validity at `now` (none inside it)."""
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
-    if now < leaf.not_valid_before_utc:
-        start = leaf.not_valid_before_utc.isoformat()
-        return (f"the certificate is not valid before {start}; installed anyway.",)
-    if now > leaf.not_valid_after_utc:
-        end = leaf.not_valid_after_utc.isoformat()
-        return (f"the certificate expired on {end}; installed anyway (Key Vault decides).",)
+    if now < not_before:
+        return (f"the certificate is not valid before {not_before.isoformat()}; installed anyway.",)
+    if now > not_after:
+        return (f"the certificate expired on {not_after.isoformat()}; installed anyway "
+                "(Key Vault decides).",)
     return ()
 
 

@@ -176,7 +176,7 @@ def _install(
                  " replacing different content" if change.replaced else "")
     for warning in converted.warnings if change.changed else ():
         log.warning("%s: %s", cert.url, warning)
-    validity = verified.validity_warnings(converted.not_before, converted.not_after, shared.now)
+    validity = chain.validity_warnings(converted.not_before, converted.not_after, shared.now)
     known = verified.Verified(
         plan.version_path, verified.stat(plan.version_path), grants, converted.not_before,
         converted.not_after, tuple(w for w in converted.warnings if w not in validity))

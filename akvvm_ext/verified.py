@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TypeGuard
 
+from .chain import validity_warnings
 from .model import AclGrant
 
 
@@ -33,18 +34,6 @@ class Verified:
 # converts and compares every installed version (a file written by an older extension is
 # corrected); later passes skip verified versions. Single dict get/set: atomic in CPython.
 MEMO: dict[str, Verified] = {}
-
-
-def validity_warnings(not_before: datetime, not_after: datetime, now: datetime) -> tuple[str, ...]:
-    """The leaf's validity warning at `now`, worded as `chain.convert` words it."""
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
-    if now < not_before:
-        return (f"the certificate is not valid before {not_before.isoformat()}; installed anyway.",)
-    if now > not_after:
-        return (f"the certificate expired on {not_after.isoformat()}; installed anyway "
-                "(Key Vault decides).",)
-    return ()
 
 
 def still_valid(
