@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from akvvm_ext.acl import TraversalGrant
+from handler.environment import write_atomic
 
 LEDGER = "acl_grants.json"
 _lock = threading.Lock()
@@ -40,11 +41,5 @@ def recorder(state_dir: str) -> Callable[[Sequence[TraversalGrant]], None]:
 
 
 def _write(state_dir: str, grants: Sequence[TraversalGrant]) -> None:
-    path = os.path.join(state_dir, LEDGER)
-    temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump([list(g) for g in grants], handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    data = json.dumps([list(g) for g in grants]).encode()
+    write_atomic(os.path.join(state_dir, LEDGER), data, 0o600)

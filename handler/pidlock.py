@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from handler.environment import write_atomic
+
 LOCK_NAME = "akvvm_service.lock"
 PID_NAME = "akvvm_service.pid"
 
@@ -32,9 +34,7 @@ def pidfile(state_dir: str) -> Iterator[str]:
     """Write this process's pid to `<state_dir>/akvvm_service.pid` (atomically) and remove it
     on the way out, unless another process has taken it over meanwhile."""
     path = os.path.join(state_dir, PID_NAME)
-    with os.fdopen(os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(f"{path}.tmp", path)
+    write_atomic(path, f"{os.getpid()}\n".encode(), 0o644)
     try:
         yield path
     finally:
