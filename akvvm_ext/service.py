@@ -65,12 +65,11 @@ class Service:
                  sync: SyncPass | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  rand: Callable[[], float] = random.random, backoff_scale: float = 1.0,
-                 spread_first_poll: bool = False,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._load_settings, self._make_vaults = load_settings, make_vaults
         self._reporter, self._sync = reporter, sync or _real_sync
         self._clock, self._rand, self._monotonic = clock, rand, monotonic
-        self._scale, self._spread = backoff_scale, spread_first_poll
+        self._scale = backoff_scale
         self._reload, self._stop = threading.Event(), threading.Event()
         self.passes = 0
         self._failing: set[str] = set()
@@ -90,9 +89,6 @@ class Service:
         vaults = self._make_vaults(settings)
         try:
             self._board = Board(settings.observed)
-            if self._spread:
-                self._sleep(backoff.first_poll_offset(settings.polling_interval_s, self._rand,
-                                                      self._scale))
             self._next_poll = self._poll_at(settings)
             self._initial(settings, vaults, first=True)
             while not stop.is_set():

@@ -45,7 +45,6 @@ class Scenario:
     rotate: bool = False  # steady polling; all certificates rotated at one random moment
     phases_s: float = 0.0  # (b): VMs' poll phases spread over this long (interval: long-running)
     listing: bool = False  # one listing page per cycle instead of a GET per certificate
-    spread_first_poll: bool = False  # Service(spread_first_poll=True)
     poll_jitter: float = backoff.POLL_JITTER
     interval_scale: float = 1.0  # what-if: poll_delay(interval * this)
     vault_limit: int = LIMIT
@@ -147,8 +146,6 @@ class Fleet:
         """Every VM runs enable within the window; (b) starts polling, (a, c) initial sync."""
         for vm in range(self.sc.vms):
             enabled = self.rng.uniform(0.0, max(self.sc.enable_window_s, self.sc.phases_s))
-            if self.sc.spread_first_poll:
-                enabled += backoff.first_poll_offset(self.sc.interval_s, self.rand)
             if self.sc.rotate:
                 self.holds.append(backoff.Holds(self.rand))
                 self.next_poll[vm] = enabled + self.poll_delay()
@@ -175,11 +172,11 @@ def cached_schedule() -> Iterator[None]:
     """Compute backoff's nominal schedule once per run instead of once per retry (it is pure)."""
     original = backoff.initial_schedule
     schedule = original()
-    backoff.initial_schedule = lambda: schedule  # type: ignore[assignment]
+    backoff.initial_schedule = lambda: schedule
     try:
         yield
     finally:
-        backoff.initial_schedule = original  # type: ignore[assignment]
+        backoff.initial_schedule = original
 
 
 def simulate(sc: Scenario) -> Result:
@@ -254,7 +251,6 @@ def largest_safe(low: int, high: int, step: int, what_if: dict[str, float] | Non
 SHORTEN_ONLY = {"interval_scale": 0.9, "poll_jitter": 0.1 / 0.9}
 VARIANTS: dict[str, tuple[dict[str, float], dict[str, object]]] = {
     "defaults": ({}, {}),
-    "Service(spread_first_poll=True)": ({}, {"spread_first_poll": True}),
     "backoff.JITTER_SHORTENS = 0.5": ({"JITTER_SHORTENS": 0.5}, {}),
 }
 
