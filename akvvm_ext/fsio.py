@@ -1,11 +1,14 @@
-"""The store's small file-system steps: lstat without raising, directory fsync, quiet unlink, and
-the sweep of temp files a killed writer of ours left behind. Never follows a symlink."""
+"""The store's small file-system steps: lstat without raising, directory fsync, quiet unlink, one
+listing of a store shared by a pass, and the sweep of temp files a killed writer of ours left
+behind. Never follows a symlink."""
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
 import stat
+import threading
 
 log = logging.getLogger("akvvm.store")
 
@@ -40,13 +43,54 @@ def remove_quietly(path: str) -> None:
         log.warning("could not remove the temp file %s: %s", path, err.strerror)
 
 
-def remove_stale_temps(store_dir: str, file_prefix: str, link_name: str) -> None:
+class Scan:
+    """One listing of a directory, sorted, taken before a pass writes into it. A pass installing
+    N certificates asks it for each one's names instead of listing the store N times (which is
+    quadratic in N). It does not see what was written after it was taken."""
+
+    def __init__(self, directory: str) -> None:
+        try:
+            self._names = sorted(os.listdir(directory))
+        except OSError:
+            self._names = []
+
+    def starting_with(self, start: str) -> list[str]:
+        """The names that start with `start`: one contiguous run of the sorted listing."""
+        first = bisect.bisect_left(self._names, start)
+        last = first
+        while last < len(self._names) and self._names[last].startswith(start):
+            last += 1
+        return self._names[first:last]
+
+
+class Scans:
+    """One `Scan` per directory, each taken when first asked for (thread-safe): a sync pass asks
+    before its first write into a store, so each store is listed at most once per pass."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scans: dict[str, Scan] = {}
+
+    def get(self, directory: str) -> Scan:
+        with self._lock:
+            if directory not in self._scans:
+                self._scans[directory] = Scan(directory)
+            return self._scans[directory]
+
+
+def remove_stale_temps(
+    store_dir: str, file_prefix: str, link_name: str, scan: Scan | None = None
+) -> None:
     """Remove what a killed writer left: `.<prefix>.<version>.tmp-<16 hex>` regular files and
     `.<link>.lnk-<16 hex>` symlinks, unlinked, never followed. None is in flight: settings give
-    each certificate of a store its own prefix and link, and one service writes at a time."""
+    each certificate of a store its own prefix and link, and one service writes at a time.
+    `scan`: the store's listing taken at the start of this pass (else the store is listed)."""
     file_start, link_start = f".{file_prefix}.", f".{link_name}"
-    names = [name for name in os.listdir(store_dir)  # one pass of C-level prefix tests
-             if name.startswith((file_start, link_start))]
+    if scan is not None:
+        names = scan.starting_with(file_start) + scan.starting_with(link_start)
+    else:  # one pass of C-level prefix tests
+        names = [name for name in os.listdir(store_dir)
+                 if name.startswith((file_start, link_start))]
     for name in names:
         if _TEMP_FILE_TAIL.fullmatch(name, len(file_start)) and name.startswith(file_start):
             wanted = stat.S_ISREG

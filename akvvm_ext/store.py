@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from akvvm_ext.errors import StoreError
-from akvvm_ext.fsio import fsync_dir, lstat, remove_quietly, remove_stale_temps
+from akvvm_ext.fsio import Scan, fsync_dir, lstat, remove_quietly, remove_stale_temps
 from akvvm_ext.model import ObservedCertificate
 
 log = logging.getLogger("akvvm.store")
@@ -87,15 +87,13 @@ def installed(cert: ObservedCertificate) -> Installed | None:
     return Installed(version=name[len(prefix) :], path=path)
 
 
-def older_versions(plan: StorePlan) -> list[str]:
-    """The other version files of the plan's certificate in its store (regular files only)."""
-    try:
-        names = os.listdir(plan.store_dir)
-    except OSError:
-        return []
+def older_versions(plan: StorePlan, scan: Scan | None = None) -> list[str]:
+    """The other version files of the plan's certificate in its store (regular files only).
+    `scan`: the store's listing taken at the start of this pass (else the store is listed)."""
     prefix, current = plan.file_prefix + ".", os.path.basename(plan.version_path)
-    found = [os.path.join(plan.store_dir, n) for n in sorted(names)
-             if n != current and n.startswith(prefix) and _VERSION_ID.fullmatch(n[len(prefix):])]
+    names = (scan or Scan(plan.store_dir)).starting_with(prefix)
+    found = [os.path.join(plan.store_dir, n) for n in names
+             if n != current and _VERSION_ID.fullmatch(n[len(prefix):])]
     return [p for p in found if stat.S_ISREG(os.lstat(p).st_mode)]
 
 
@@ -112,16 +110,18 @@ def plan(cert: ObservedCertificate, version: str, pem: bytes) -> StorePlan:
 
 def write_version(
     plan: StorePlan, *, prepare: Prepare | None = None, token: Token = _random_token,
-    sync_dir: bool = True,
+    sync_dir: bool = True, scan: Scan | None = None,
 ) -> Change:
     """Write the version file unless it holds the content already; the link is not touched.
 
     Creates the store if missing, first removes this certificate's stale temp files. `prepare`
     (e.g. ACL grants) runs on a new file before its rename; its exception aborts the write.
-    `sync_dir=False` leaves the directory fsync to `point_link(plan, written=<this Change>)`."""
+    `sync_dir=False` leaves the directory fsync to `point_link(plan, written=<this Change>)`.
+    `scan`: the store's listing taken at the start of this pass, to find stale temp files in."""
     with _store_errors(plan.store_dir):
         _ensure_dir(plan.store_dir)
-        remove_stale_temps(plan.store_dir, plan.file_prefix, os.path.basename(plan.link_path))
+        remove_stale_temps(plan.store_dir, plan.file_prefix, os.path.basename(plan.link_path),
+                           scan)
         wrote, replaced = _install_file(plan, prepare, token)
         if sync_dir and (wrote or replaced):
             fsync_dir(plan.store_dir)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol, cast
 
-from . import acl, chain, store, verified
+from . import acl, chain, fsio, store, verified
 from .errors import AkvvmError
 from .keyvault import Secret
 from .listing import ChangeDetector, Fetched
@@ -45,6 +45,7 @@ class _Pass:
     acls_on: bool
     record_grants: GrantsRecorder | None
     detector: ChangeDetector | None
+    scans: fsio.Scans
 
 
 def sync(
@@ -64,7 +65,7 @@ def sync(
     fetching each certificate when that takes fewer requests.
     """
     recorder = _serialized(record_grants) if record_grants else None
-    shared = _Pass(vaults, now, settings.acl_enabled, recorder, detector)
+    shared = _Pass(vaults, now, settings.acl_enabled, recorder, detector, fsio.Scans())
     by_cert = {id(c): r for c, r in _unchanged_by_listing(settings.observed, shared)}
     groups: dict[str, list[ObservedCertificate]] = {}
     for cert in settings.observed:
@@ -196,19 +197,22 @@ def _write_granted(
         if grants:
             acl.grant([path], plan.store_dir, grants, record=shared.record_grants)
 
-    written = store.write_version(plan, prepare=grant, sync_dir=False)
+    scan = shared.scans.get(plan.store_dir)
+    written = store.write_version(plan, prepare=grant, sync_dir=False, scan=scan)
     if not written.changed:  # an existing file: the ACL setting may be new
         grant(plan.version_path)
     if acl.set_exact(plan.version_path, grants):
         log.info("%s: took back read access not configured any more", plan.version_path)
-    _take_back_from_older(plan, grants)
+    _take_back_from_older(plan, grants, scan)
     return written
 
 
-def _take_back_from_older(plan: store.StorePlan, grants: tuple[AclGrant, ...]) -> None:
+def _take_back_from_older(
+    plan: store.StorePlan, grants: tuple[AclGrant, ...], scan: fsio.Scan
+) -> None:
     """Older versions stay on disk but are served no more: only the configured principals keep
     read access, so a user taken out of `acls` cannot read an old private key by its path."""
-    for path in store.older_versions(plan):
+    for path in store.older_versions(plan, scan):
         try:
             if acl.set_exact(path, grants):
                 log.info("%s: took back read access not configured any more", path)

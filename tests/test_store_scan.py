@@ -1,0 +1,69 @@
+"""One listing of a store per sync pass (fsio.Scan), instead of one per certificate installed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+from akvvm_ext import fsio, store, sync
+from akvvm_ext.keyvault import Vaults
+from akvvm_ext.model import Outcome
+from tests.standins.certfactory import make_chain
+from tests.standins.keyvault import KeyVaultStandin
+from tests.test_store import PEM1, PEM2, V1, V2, install, observed
+from tests.test_sync import NOW, settings, vaults  # noqa: F401 - the fixture
+
+TOKEN = "0123456789abcdef"
+
+
+def test_scan_gives_exactly_the_names_that_start_with_a_prefix(tmp_path: Path) -> None:
+    """Names sharing a longer or shorter prefix are not mixed in; a missing directory is empty."""
+    names = ["a.web", "a.web.1", "a.web.2", "a.webx.1", "a.we", ".a.web.1.tmp-x", "b.web.1"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    scan = fsio.Scan(str(tmp_path))
+    assert scan.starting_with("a.web.") == ["a.web.1", "a.web.2"]
+    assert scan.starting_with(".a.web.") == [".a.web.1.tmp-x"]
+    assert scan.starting_with("c.") == []
+    assert fsio.Scan(str(tmp_path / "missing")).starting_with("a") == []
+
+
+def test_write_with_an_earlier_scan_removes_stale_temps_and_spares_newer_files(
+    tmp_path: Path,
+) -> None:
+    """A scan taken before the write finds a killed writer's temp file and temp link; a file
+    that appeared after the scan is not in it and stays."""
+    store_dir = tmp_path / "store"
+    install(observed(store_dir), V1, PEM1)
+    stale = [f".myvault.web.{V2}.tmp-{TOKEN}", f".myvault.web.lnk-{TOKEN}"]
+    (store_dir / stale[0]).write_bytes(b"half a cert")
+    (store_dir / stale[1]).symlink_to(store_dir / f"myvault.web.{V1}")
+    scan = fsio.Scan(str(store_dir))
+    later = f".myvault.web.{V1}.tmp-{'a' * 16}"
+    (store_dir / later).write_bytes(b"written after the scan")
+    plan = store.plan(observed(store_dir), V2, PEM2)
+    assert store.write_version(plan, scan=scan).wrote
+    names = {p.name for p in store_dir.iterdir()}
+    assert not names & set(stale)
+    assert later in names and f"myvault.web.{V2}" in names
+    assert store.older_versions(plan, scan) == [str(store_dir / f"myvault.web.{V1}")]
+
+
+def test_a_pass_lists_each_store_once_however_many_it_installs(
+    vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    """Installing 24 certificates reads the store directory once, not once per certificate (which
+    made a first sync quadratic in the number of certificates), and removes a stale temp file."""
+    names = [f"c{i:02}" for i in range(24)]
+    for name in names:
+        kv.add_certificate(name, make_chain(2, key_type="ec", key_size=256))
+    store_dir = tmp_path / "store"
+    store_dir.mkdir(mode=0o700)
+    stale = store_dir / f".localhost.c07.{'0' * 32}.tmp-{TOKEN}"
+    stale.write_bytes(b"left by a killed writer")
+    with mock.patch("os.listdir", wraps=os.listdir) as listdir:
+        results = sync.sync(settings(kv, store_dir, *names), vaults, NOW)
+    assert {r.outcome for r in results} == {Outcome.INSTALLED}
+    store_reads = [c for c in listdir.call_args_list if c.args and c.args[0] == str(store_dir)]
+    assert len(store_reads) == 1
+    assert not stale.exists()
