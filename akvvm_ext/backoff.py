@@ -29,7 +29,6 @@ CYCLE_FIRST_S = 2.0  # the first retry pass of a certificate that failed in a po
 CYCLE_MAX_DOUBLINGS = 40  # keeps 2**n finite; the polling interval caps the delay long before
 
 POLL_JITTER = 0.1  # each poll interval is the setting shortened by up to 20%, never lengthened
-FIRST_POLL_SPREAD_CAP_S = 300.0
 
 Rand = Callable[[], float]
 
@@ -100,11 +99,6 @@ def poll_delay(interval_s: float, rand: Rand, scale: float = 1.0,
     """The wait until the next poll: the interval shortened by up to 2 x `jitter`, so a fleet
     spreads out and yet no certificate waits longer than the polling interval for a rotation."""
     return interval_s * (1 - 2 * jitter * rand()) * scale
-
-
-def first_poll_offset(interval_s: float, rand: Rand, scale: float = 1.0) -> float:
-    """A random offset before the first poll (when asked for), at most the interval or 5 min."""
-    return rand() * min(interval_s, FIRST_POLL_SPREAD_CAP_S) * scale
 
 
 @dataclass(frozen=True)

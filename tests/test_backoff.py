@@ -164,14 +164,6 @@ def test_poll_delays_spread_out_a_fleet() -> None:
     assert max(delays) - min(delays) > 600
 
 
-def test_first_poll_offset_is_at_most_five_minutes_or_the_interval() -> None:
-    """The optional first-poll offset never exceeds min(interval, 300 s)."""
-    for seed in SEEDS:
-        rng = rands(seed)
-        assert 0 <= backoff.first_poll_offset(3600, rng.random) <= 300
-        assert 0 <= backoff.first_poll_offset(60, rng.random) <= 60
-
-
 def test_every_delay_is_scaled() -> None:
     """AKVVM_BACKOFF_SCALE multiplies every delay."""
     half = lambda: 0.5  # noqa: E731
