@@ -28,10 +28,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["initial sync (start to last link in place)",
-             f"  {'N':>5} {'latency':>8} {'ours s':>8} {'bare SDK s':>11} {'ratio':>6}"]
+    env = results["environment"]
+    lines = [f"machine: {env['cpus']} CPUs; the kernel creates an inode in the bench's directory "
+             f"in {env['inode_create_ms_before']} ms (start), {env['inode_create_ms_after']} ms "
+             "(end)", "initial sync (start to last link in place; CPU s = user + kernel)",
+             f"  {'N':>5} {'latency':>8} {'ours s':>8} {'bare SDK s':>11} {'ratio':>6} "
+             f"{'ours CPU s':>12} {'bare CPU s':>12}"]
     lines += [f"  {r['n']:>5} {r['latency_ms']:>6.0f}ms {r['ours_s']:>8.2f} {r['bare_s']:>11.2f} "
-              f"{r['ratio']:>6.2f}" for r in results["initial_sync"]]
+              f"{r['ratio']:>6.2f} {r['ours_cpu_user_s']:>5.2f}+{r['ours_cpu_sys_s']:<5.2f} "
+              f"{r['bare_cpu_user_s']:>6.2f}+{r['bare_cpu_sys_s']:<5.2f}"
+              for r in results["initial_sync"]]
     svc, lst, rot = results["service"], results["listing"], results["rotation"]
     idle = results["steady_cycle"]
     lines += [

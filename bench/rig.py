@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tests.standins.certfactory import PEM, PKCS12, make_chain
 from tests.standins.imds import ImdsStandin
@@ -35,6 +36,31 @@ for i in range(int(sys.argv[2])):
     client.get_secret(f"cert{i:03}")
 """
 
+
+
+class Timing(NamedTuple):
+    """One child process: wall seconds, and CPU seconds in user space and in the kernel."""
+
+    wall: float
+    user: float
+    sys: float
+
+
+def inode_cost_ms(parent: Path, count: int = 300) -> float:
+    """Milliseconds the kernel takes to create one symlink in a new directory under `parent`.
+    On some disks this varies by 50x between directories (seen: 0.013 to 0.85 ms on one ext4),
+    and an install creates two inodes (the version file and the link)."""
+    scratch = parent / f"inode-probe-{time.monotonic_ns()}"
+    scratch.mkdir()
+    try:
+        start = time.perf_counter()
+        for i in range(count):
+            os.symlink("x", scratch / str(i))
+        return round((time.perf_counter() - start) / count * 1000, 3)
+    finally:
+        for i in range(count):
+            os.unlink(scratch / str(i))
+        scratch.rmdir()
 
 
 def name(i: int) -> str:
@@ -83,14 +109,16 @@ class Rig:
         config.write_text(json.dumps(doc))
         return config, dirs["store"]
 
-    def timed(self, args: list[str], env: dict[str, str] | None = None) -> float:
-        """Seconds a child process takes from spawn to a successful exit."""
+    def timed(self, args: list[str], env: dict[str, str] | None = None) -> Timing:
+        """Wall seconds from spawn to a successful exit, and the child's CPU seconds."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(args, env=env or self.env, cwd=ROOT, capture_output=True)
         elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode:
             raise RuntimeError(f"{args[:4]} failed: {done.stderr.decode()[-800:]}")
-        return elapsed
+        return Timing(elapsed, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
 
     def service(self, config: Path, scale: str) -> subprocess.Popen[bytes]:
         env = {**self.env, "AKVVM_BACKOFF_SCALE": scale}

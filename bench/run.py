@@ -29,6 +29,7 @@ from bench.rig import (  # noqa: E402
     AgedClock,
     Rig,
     in_process,
+    inode_cost_ms,
     name,
     passes,
     populate,
@@ -60,8 +61,11 @@ def initial_sync(rig: Rig, count: int, latency: float) -> dict[str, Any]:
         bare_runs.append(rig.timed([sys.executable, "-c", BARE, rig.kv.url, str(count)]))
     rig.kv.latency = 0.0
     ours, bare = sorted(ours_runs)[REPEATS // 2], sorted(bare_runs)[REPEATS // 2]
-    return {"n": count, "latency_ms": latency * 1000, "ours_s": round(ours, 3),
-            "bare_s": round(bare, 3), "ratio": round(ours / bare, 3), "links": links}
+    return {"n": count, "latency_ms": latency * 1000, "ours_s": round(ours.wall, 3),
+            "bare_s": round(bare.wall, 3), "ratio": round(ours.wall / bare.wall, 3),
+            "ours_cpu_user_s": round(ours.user, 2), "ours_cpu_sys_s": round(ours.sys, 2),
+            "bare_cpu_user_s": round(bare.user, 2), "bare_cpu_sys_s": round(bare.sys, 2),
+            "links": links}
 
 
 def service_cycles(rig: Rig, count: int, cycles: int, budget_s: float) -> dict[str, Any]:
@@ -174,6 +178,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="akvvm-bench-") as tmp, ImdsStandin() as imds, \
             KeyVaultStandin(accept_token=imds.token_issued, clock=clock) as kv:
         rig = Rig(Path(tmp), imds, kv)
+        results["environment"] = {"cpus": os.cpu_count(),
+                                  "inode_create_ms_before": inode_cost_ms(Path(tmp))}
         populate(kv, max(SIZES))
         clock.age = 0.0  # versions made from now on are new
         results["initial_sync"] = [initial_sync(rig, n, lat)
@@ -182,6 +188,7 @@ def main() -> int:
         results["listing"] = listing_savings(rig, max(SIZES))
         results["service"] = service_cycles(rig, max(SIZES), CYCLES, SERVICE_BUDGET_S)
         results["rotation"] = rotation(rig)
+        results["environment"]["inode_create_ms_after"] = inode_cost_ms(Path(tmp))
     results["seconds"] = round(time.monotonic() - began, 1)
     results["targets"] = targets(results)
     out = ROOT / "bench" / "results"
