@@ -86,12 +86,8 @@ def remove_stale_temps(
     each certificate of a store its own prefix and link, and one service writes at a time.
     `scan`: the store's listing taken at the start of this pass (else the store is listed)."""
     file_start, link_start = f".{file_prefix}.", f".{link_name}"
-    if scan is not None:
-        names = scan.starting_with(file_start) + scan.starting_with(link_start)
-    else:  # one pass of C-level prefix tests
-        names = [name for name in os.listdir(store_dir)
-                 if name.startswith((file_start, link_start))]
-    for name in names:
+    scan = scan or Scan(store_dir)
+    for name in scan.starting_with(file_start) + scan.starting_with(link_start):
         if _TEMP_FILE_TAIL.fullmatch(name, len(file_start)) and name.startswith(file_start):
             wanted = stat.S_ISREG
         elif _TEMP_LINK_TAIL.fullmatch(name, len(link_start)) and name.startswith(link_start):
