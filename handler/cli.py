@@ -11,7 +11,6 @@ from typing import TextIO
 
 from akvvm_ext.errors import AkvvmError, SettingsError
 from akvvm_ext.settings import parse, plan
-from handler import settings_file
 
 EXIT_INVALID = 2
 
@@ -44,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def check(path: str, lib_dir: str | None, out: TextIO, err: TextIO) -> int:
     """Validate `path`; print the plan to `out` (0) or every problem to `err` (2)."""
+    from handler import settings_file  # with openssl/CMS decryption: `service` never needs it
+
     try:
         loaded = settings_file.load(path, lib_dir)
         settings = parse(loaded.raw)
