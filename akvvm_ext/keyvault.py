@@ -5,6 +5,7 @@ No token and no secret value ever reaches a message; the hints say what the admi
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import re
 import threading
@@ -17,6 +18,7 @@ from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     DecodeError,
+    DeserializationError,
     HttpResponseError,
     ServiceRequestError,
     ServiceResponseError,
@@ -40,6 +42,10 @@ WARM_WAIT_S = 1.0
 ROLE_HINT = (
     "The VM's managed identity needs the 'Key Vault Secrets User' role on vault {vault} "
     "(or a 'get' secret access policy); RBAC assignments can take minutes to propagate."
+)
+FIREWALL_HINT = (
+    "Vault {vault}'s network rules refuse this VM's address: allow the VM's subnet or public "
+    "address in the vault's firewall, or reach the vault through its private endpoint."
 )
 IDENTITY_HINT = (
     "Check that a managed identity is assigned to the VM; with user-assigned identities set "
@@ -95,11 +101,10 @@ class Vaults:
 
     def fetch(self, cert: ObservedCertificate) -> Secret:
         """Get the latest (or the pinned) version of `cert`'s secret; raise FetchError."""
-        try:
-            found = self._get(cert)
+        try:  # the SDK reads the answer's fields lazily: _secret may be what finds them broken
+            return _secret(self._get(cert), cert)
         except Exception as exc:  # noqa: BLE001 -- every SDK failure becomes one FetchError
             raise translate(exc, cert) from None
-        return _secret(found, cert)
 
     def client(self, cert: ObservedCertificate) -> SecretClient:
         """The SecretClient for `cert`'s vault (listing uses it; see `listing.ChangeDetector`)."""
@@ -175,8 +180,11 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
         isinstance(exc, ClientAuthenticationError) and exc.status_code is None
     ):
         return _identity_error(exc)
-    if isinstance(exc, DecodeError):
-        return FetchError("Key Vault sent a malformed response", retryable=True)
+    if isinstance(exc, (DecodeError, DeserializationError, json.JSONDecodeError)):
+        return FetchError(
+            "the answer from Key Vault was not the JSON it sends (a proxy or firewall page?)",
+            "Check HTTPS_PROXY/NO_PROXY and any filtering proxy between the VM and the vault; "
+            "retrying.", retryable=True)
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         return _http_error(exc, cert)
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
@@ -185,8 +193,8 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
             "Check DNS, firewalls, HTTPS_PROXY/NO_PROXY and REQUESTS_CA_BUNDLE; retrying.",
             retryable=True,
         )
-    if isinstance(exc, ValueError):  # the challenge names a resource that is not this vault
-        return _challenge_error(exc, cert)
+    if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
+        return _challenge_error(exc, cert)  # it names a resource that is not this vault
     retryable = isinstance(exc, AzureError)
     return FetchError(f"fetching the secret failed: {type(exc).__name__}: {_detail(exc)}",
                       retryable=retryable)
@@ -229,7 +237,9 @@ def _http_error(exc: HttpResponseError, cert: ObservedCertificate) -> FetchError
         return FetchError(said, hint, status=status, retryable=True)
     if status == 403:
         hint = ROLE_HINT.format(vault=cert.vault_name)
-        if "disabled" in message.lower():
+        if "firewall" in code.lower() or "client address is not authorized" in message.lower():
+            hint = FIREWALL_HINT.format(vault=cert.vault_name)
+        elif "disabled" in message.lower():
             hint = "This secret version is disabled in Key Vault; enable it or pin another one."
         return FetchError(said, hint, status=status, retryable=True)
     if status == 404:

@@ -202,7 +202,7 @@ def list_vault(client: Lister, max_pages: int) -> Listing | NotListed:
         status = err.status_code or 0
         transient = status == 429 or status >= 500
         return NotListed("failed" if transient else "forbidden", pages + 1, stamps)
-    except AzureError:
+    except (AzureError, ValueError):  # ValueError: a page that is not JSON (a proxy's page)
         return NotListed("failed", pages + 1, stamps)
     return Listing(stamps, pages)
 
@@ -273,7 +273,8 @@ class ChangeDetector:
             if cert.version is None and cert.secret_name.lower() in memory.seen
             and settled(memory.seen[cert.secret_name.lower()], now, self._settle_s)
         ]
-        max_pages = strategy(memory, len(candidates), now)
+        # A pass GETs each URL once, however many certificates observe it: count secrets.
+        max_pages = strategy(memory, len({c.secret_name.lower() for c in candidates}), now)
         listing: Listing | NotListed = NotListed("skipped")  # no listing: GET them all
         if max_pages:
             listing = list_vault(client_for(certs[0]), max_pages)

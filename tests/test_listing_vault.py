@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +22,7 @@ from azure.keyvault.secrets import SecretClient
 from akvvm_ext import identity, listing, sync
 from akvvm_ext.keyvault import Vaults
 from akvvm_ext.listing import ChangeDetector, Listing, NotListed, Stamp, list_vault
-from akvvm_ext.model import Identity, ObservedCertificate
+from akvvm_ext.model import Identity, ObservedCertificate, Outcome
 from tests.listing_helpers import NOW, OLD, VAULT, cert, everything_installed
 from tests.standins.certfactory import make_chain
 from tests.standins.imds import ImdsStandin
@@ -223,6 +224,43 @@ def test_abandoned_listing_still_spares_the_certificates_it_showed_unchanged() -
     partial = run_cycle(detector, vault, certs, NOW + 3600)
     assert [c.secret_name for c in partial.fetch] == [f"s{i:02}" for i in range(25, 60)]
     assert partial.list_requests == 2
+
+
+def test_detector_counts_a_secret_observed_into_five_stores_once() -> None:
+    """Five certificates observing one secret cost one GET a cycle: never a listing of 4 pages."""
+    vault = FakeVault([item(f"s{i:02}", OLD) for i in range(100)])
+    base = cert("s07")
+    certs = [replace(base, store_dir=f"/tmp/app{i}") for i in range(5)]
+    detector = ChangeDetector()
+    run_cycle(detector, vault, certs, NOW)
+    for hour in (1, 2):
+        cycle = run_cycle(detector, vault, certs, NOW + hour * 3600)
+        assert (cycle.list_requests, len(cycle.fetch)) == (0, 5)
+
+
+def test_stand_in_proxy_page_instead_of_a_listing_falls_back_to_gets(
+        azure_env: dict[str, str], imds: ImdsStandin, tmp_path: Path) -> None:
+    """A 200 HTML page (a filtering proxy) where a list page was due: the pass still reports
+    every certificate, fetched one by one, and nothing installed changes."""
+    hour_ago = time.time() - 3600
+    with KeyVaultStandin(accept_token=imds.token_issued, clock=lambda: hour_ago) as kv:
+        for i in range(4):
+            kv.add_certificate(f"web{i}", make_chain())
+        vaults = Vaults(identity.credential(Identity(imds.url + "/metadata/identity")),
+                        connection_verify=kv.ca_path)
+        detector, store = ChangeDetector(), tmp_path / "store"
+        wanted = settings(kv, store, *[f"web{i}" for i in range(4)])
+        try:
+            sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+            links = {p.name: os.readlink(p) for p in store.iterdir() if p.is_symlink()}
+            kv.reset_counters()
+            kv.fault(None, "proxy_page")
+            again = sync.sync(wanted, vaults, datetime.now(timezone.utc), detector=detector)
+            assert [r.outcome for r in again] == [Outcome.UNCHANGED] * 4
+            assert kv.requests[0] == ("GET", "/secrets", 200) and kv.count(status=200) == 5
+            assert {p.name: os.readlink(p) for p in store.iterdir() if p.is_symlink()} == links
+        finally:
+            vaults.close()
 
 
 def test_stand_in_quiet_cycles_list_once_whatever_the_case(

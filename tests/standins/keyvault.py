@@ -8,7 +8,8 @@ API (thread-safe):
       .disable_version(name, version=None) / .enable_version(...) / .delete(name)
       .versions(name) -> [version, ...] oldest first / .secret_id(name, version=None) -> URL
       .fault(name_or_None, kind, times=1, *, status=, retry_after=, seconds=, inner=)
-          kinds: forbidden, throttle, server_error, delay, reset, malformed; .clear_faults()
+          kinds: forbidden, throttle, server_error, delay, reset, malformed, proxy_page;
+          .clear_faults()
       .requests -> [(method, path, status)] (status 0: reset) / .count(name=None, method="GET",
           status=None) / .reset_counters()
 No bearer token: 401 with the `WWW-Authenticate: Bearer authorization=…, resource=…` challenge.

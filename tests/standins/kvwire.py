@@ -12,7 +12,8 @@ from urllib.parse import urlencode
 
 from tests.standins.tls import Reply, json_reply
 
-FAULT_KINDS = ("forbidden", "throttle", "server_error", "delay", "reset", "malformed")
+FAULT_KINDS = ("forbidden", "throttle", "server_error", "delay", "reset", "malformed",
+               "proxy_page")
 
 _NOT_FOUND = ("A secret with (name/id) {} was not found in this key vault. If you recently deleted "
               "this secret you may be able to recover it using the correct recovery command. For "
@@ -97,6 +98,9 @@ class Fault:
             return error(self.status or 500, code, message)
         if self.kind == "malformed":
             return Reply(200, b'{"value": "MIIK')
+        if self.kind == "proxy_page":  # what a filtering proxy or captive portal answers
+            return Reply(200, b"<html><body>Blocked by policy</body></html>",
+                         (("Content-Type", "text/html"),))
         return None
 
 
