@@ -94,7 +94,7 @@ def older_versions(plan: StorePlan, scan: Scan | None = None) -> list[str]:
     names = (scan or Scan(plan.store_dir)).starting_with(prefix)
     found = [os.path.join(plan.store_dir, n) for n in names
              if n != current and _VERSION_ID.fullmatch(n[len(prefix):])]
-    return [p for p in found if stat.S_ISREG(os.lstat(p).st_mode)]
+    return [p for p in found if (st := lstat(p)) is not None and stat.S_ISREG(st.st_mode)]
 
 
 def plan(cert: ObservedCertificate, version: str, pem: bytes) -> StorePlan:

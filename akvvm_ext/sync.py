@@ -130,8 +130,13 @@ def _sync_group(
 
 
 def _tell_detector(shared: _Pass, cert: ObservedCertificate, secret: Secret | None) -> None:
-    if shared.detector is not None:  # Secret is frozen; listing.Fetched declares plain attributes
+    if shared.detector is None:
+        return
+    try:  # Secret is frozen; listing.Fetched declares plain attributes
         shared.detector.fetched(cert, cast("Fetched | None", secret), shared.now.timestamp())
+    except Exception:  # odd attributes must not end the pass; without a baseline: a GET
+        log.exception("recording the attributes of %s failed", cert.url)
+        shared.detector.fetched(cert, None, shared.now.timestamp())
 
 
 def _verified(cert: ObservedCertificate, shared: _Pass) -> CertResult | None:

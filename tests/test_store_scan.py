@@ -67,3 +67,13 @@ def test_a_pass_lists_each_store_once_however_many_it_installs(
     store_reads = [c for c in listdir.call_args_list if c.args and c.args[0] == str(store_dir)]
     assert len(store_reads) == 1
     assert not stale.exists()
+
+
+def test_an_older_version_removed_after_the_scan_is_skipped(tmp_path: Path) -> None:
+    """An old version pruned by someone else during a long pass does not fail the rotation."""
+    store_dir = tmp_path / "store"
+    install(observed(store_dir), V1, PEM1)
+    scan = fsio.Scan(str(store_dir))
+    (store_dir / f"myvault.web.{V1}").unlink()
+    plan = store.plan(observed(store_dir), V2, PEM2)
+    assert store.older_versions(plan, scan) == []

@@ -170,3 +170,23 @@ def test_revoked_acl_is_taken_back_from_older_versions_too(
     assert not _nobody_reads(after.path) and not _nobody_reads(first.path)
     assert "nobody" not in getfacl(first.path or "")
     assert os.path.isfile(first.path or "")  # kept, as every old version is
+
+
+class _BrokenDetector(ChangeDetector):
+    """A detector that cannot record what it is told (as with attributes it cannot read)."""
+
+    def fetched(self, cert: Any, secret: Any, now: float) -> None:
+        if secret is not None:
+            raise ValueError("unreadable attributes")
+        super().fetched(cert, secret, now)
+
+
+def test_a_detector_failure_does_not_end_the_pass(
+    vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    """Every certificate is still installed and reported when recording a baseline fails."""
+    for name in NAMES:
+        kv.add_certificate(name, make_chain())
+    results = sync.sync(settings(kv, tmp_path / "store", *NAMES), vaults, NOW,
+                        detector=_BrokenDetector())
+    assert [r.outcome for r in results] == [Outcome.INSTALLED] * 3
