@@ -197,16 +197,26 @@ def _make_parents(path: str) -> None:
 
 
 def _install_file(plan: StorePlan, prepare: Prepare | None, token: Token) -> tuple[bool, bool]:
-    """Write the version file unless it already holds the content; (wrote, replaced)."""
+    """Write the version file unless it already holds the content, is ours and is not readable
+    by others (a restored or chmod'ed copy of a private key is written again); (wrote, replaced).
+    """
     existing = _read_existing(plan.version_path, len(plan.content))
-    if existing == plan.content:
+    if existing == plan.content and _private(plan.version_path):
         return False, False
     _write_atomically(plan, prepare, token)
     if existing is None:
         log.debug("wrote %s", plan.version_path)
         return True, False
-    log.warning("replaced %s: its content differed from the vault's version", plan.version_path)
+    what = "owner or mode" if existing == plan.content else "content"
+    log.warning("replaced %s: its %s differed from what the extension writes",
+                plan.version_path, what)
     return False, True
+
+
+def _private(path: str) -> bool:
+    """Owned by this process's user, and nothing for others (group bits may be an ACL mask)."""
+    st = lstat(path)
+    return st is not None and st.st_uid == os.geteuid() and not st.st_mode & 0o007
 
 
 def _read_existing(path: str, expected_size: int) -> bytes | None:

@@ -19,7 +19,7 @@ class Verified:
     """A version file this process converted and compared against Key Vault's value."""
 
     path: str
-    stat: tuple[int, int, int]  # inode, size, mtime_ns: a file changed behind us is re-checked
+    stat: tuple[int, int, int, int]  # inode, size, mtime, ctime: changed behind us, re-checked
     acls: tuple[AclGrant, ...]  # the grants applied to it (a new ACL setting re-applies them)
     not_before: datetime
     not_after: datetime
@@ -48,9 +48,10 @@ def still_valid(
         return False
 
 
-def stat(path: str) -> tuple[int, int, int]:
+def stat(path: str) -> tuple[int, int, int, int]:
+    """What tells that a file changed: its content (mtime), or its owner, mode or ACL (ctime)."""
     st = os.stat(path, follow_symlinks=False)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def iso(when: datetime) -> str:

@@ -190,3 +190,21 @@ def test_a_detector_failure_does_not_end_the_pass(
     results = sync.sync(settings(kv, tmp_path / "store", *NAMES), vaults, NOW,
                         detector=_BrokenDetector())
     assert [r.outcome for r in results] == [Outcome.INSTALLED] * 3
+
+
+def test_a_served_key_made_readable_by_others_is_written_private_again(
+    vaults: Vaults, kv: KeyVaultStandin, tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    """chmod 644 (or a restored copy owned by someone else) of the served file is undone on the
+    next pass, in the same process: the private key is 0600 and ours again, same content."""
+    kv.add_certificate("web", make_chain())
+    wanted = settings(kv, tmp_path / "store", "web")
+    [first] = sync.sync(wanted, vaults, NOW)
+    served = Path(str(first.path))
+    content = served.read_bytes()
+    served.chmod(0o644)
+    os.chown(served, 65534, 65534)
+    [again] = sync.sync(wanted, vaults, NOW)
+    assert again.version == first.version and served.read_bytes() == content
+    st = served.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, os.geteuid())
