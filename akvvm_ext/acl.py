@@ -139,11 +139,16 @@ def _resolve(acl: AclGrant) -> list[_Principal]:
     return found
 
 
+def _numeric(name: str) -> bool:
+    """A uid or gid written in ASCII digits (superscript or Arabic-Indic digits make a name)."""
+    return name.isascii() and name.isdigit()
+
+
 def _user(name: str) -> _Principal:
     try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        entry = pwd.getpwuid(int(name)) if _numeric(name) else pwd.getpwnam(name)
     except KeyError:
-        if name.isdigit():  # a numeric id need not exist in /etc/passwd
+        if _numeric(name):  # a numeric id need not exist in /etc/passwd
             return _Principal("user", int(name), frozenset())
         raise AclError(
             f"unknown user {name!r} in acls.", "Create the user first or give a numeric uid."
@@ -153,7 +158,7 @@ def _user(name: str) -> _Principal:
 
 
 def _group(name: str) -> _Principal:
-    if name.isdigit():
+    if _numeric(name):
         return _Principal("group", int(name), frozenset({int(name)}))
     try:
         gid = grp.getgrnam(name).gr_gid

@@ -147,7 +147,9 @@ def test_numeric_ids_are_taken_as_they_are(installed: Installed) -> None:
 
 
 @pytest.mark.parametrize("grant", [AclGrant(user="no-such-user-akvvm"),
-                                   AclGrant(user="nobody", group="no-such-group-akvvm")])
+                                   AclGrant(user="nobody", group="no-such-group-akvvm"),
+                                   AclGrant(user="\u00b2"),  # superscript two: not a uid
+                                   AclGrant(group="\u0661\u0660\u0660\u0660")])  # not gid 1000
 def test_unknown_name_is_an_acl_error_and_changes_nothing(
     installed: Installed, grant: AclGrant
 ) -> None:
