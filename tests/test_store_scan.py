@@ -1,4 +1,5 @@
-"""One listing of a store per sync pass (fsio.Scan), instead of one per certificate installed."""
+"""A store in a sync pass: one listing of it per pass (fsio.Scan), old versions pruned meanwhile,
+and a pinned version recognised whatever the case of its id."""
 from __future__ import annotations
 
 import os
@@ -6,9 +7,10 @@ from pathlib import Path
 from unittest import mock
 
 from akvvm_ext import fsio, store, sync
-from akvvm_ext.keyvault import Vaults
-from akvvm_ext.model import Outcome
-from tests.standins.certfactory import make_chain
+from akvvm_ext.keyvault import Secret, Vaults
+from akvvm_ext.model import ObservedCertificate, Outcome
+from akvvm_ext.settings import parse
+from tests.standins.certfactory import PEM, make_chain, secret_value
 from tests.standins.keyvault import KeyVaultStandin
 from tests.test_store import PEM1, PEM2, V1, V2, install, observed
 from tests.test_sync import NOW, settings, vaults  # noqa: F401 - the fixture
@@ -77,3 +79,26 @@ def test_an_older_version_removed_after_the_scan_is_skipped(tmp_path: Path) -> N
     (store_dir / f"myvault.web.{V1}").unlink()
     plan = store.plan(observed(store_dir), V2, PEM2)
     assert store.older_versions(plan, scan) == []
+
+
+class _CanonicalVault:
+    """A vault that, like Key Vault, answers a pinned version with its lower-case id."""
+
+    def __init__(self, value: str) -> None:
+        self.value, self.gets = value, 0
+
+    def fetch(self, cert: ObservedCertificate) -> Secret:
+        self.gets += 1
+        version = str(cert.version).lower()
+        return Secret(self.value, PEM, version, f"{cert.vault_url}/secrets/web/{version}")
+
+
+def test_a_pinned_version_written_in_capitals_is_fetched_once(tmp_path: Path) -> None:
+    """`…/secrets/web/ABCDEF…` installs `abcdef…` once; later passes do not GET it again."""
+    vault = _CanonicalVault(secret_value(make_chain(2, key_type="ec", key_size=256), PEM))
+    url = f"https://myvault.vault.azure.net/secrets/web/{'ABCDEF0123456789' * 2}"
+    wanted = parse({"secretsManagementSettings": {
+        "observedCertificates": [url], "certificateStoreLocation": str(tmp_path / "store")}})
+    assert [r.outcome for r in sync.sync(wanted, vault, NOW)] == [Outcome.INSTALLED]
+    assert [r.outcome for r in sync.sync(wanted, vault, NOW)] == [Outcome.UNCHANGED]
+    assert vault.gets == 1
