@@ -6,6 +6,7 @@ report a missing dependency.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -165,17 +166,32 @@ def remove_file(path: str) -> None:
 
 
 def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Temp file born with its final mode in the same dir, fsync, rename."""
+    """Temp file born with its final mode in the same dir, fsync, rename. A write that cannot
+    complete (disk full part-way) raises and removes the temp: the old file stays whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
     remove_file(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_file(tmp)
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """write(2) until every byte is written; one that writes nothing raises ENOSPC."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote nothing)")
+        view = view[written:]
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -176,3 +176,27 @@ def test_this_host_describes_the_running_machine():
     host = environment.this_host()
     assert host.machine == platform.machine()
     assert host.python == platform.python_version()
+
+
+FULL_DISK = """
+import resource, signal, sys
+from handler.environment import write_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file system: write(2) stops part-way
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    write_atomic(sys.argv[1], b'{"seq": 3, "settings": "%s"}' % (b"y" * 20000), 0o600)
+except OSError as err:
+    print("refused:", err.strerror)
+"""
+
+
+def test_a_disk_filling_part_way_never_replaces_a_state_file_with_a_truncated_one(tmp_path):
+    """config.json written while the disk fills up: the call fails, the old file stays whole."""
+    target = tmp_path / "config.json"
+    target.write_text('{"seq": 2, "settings": "good"}')
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused:")
+    assert json.loads(target.read_text()) == {"seq": 2, "settings": "good"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temp left behind
