@@ -1,8 +1,6 @@
-"""Composition root of the service process: `akvvm service --config <state_dir>/config.json`.
-
-Holds the one-instance lock and the pidfile (`handler.pidlock`), wires logging, signals, the
-real identity and vault clients and a `StatusReporter` into `akvvm_ext.service.Service`.
-`--once` runs one pass and prints.
+"""Composition root of the service process (`akvvm service --config <state_dir>/config.json`):
+the one-instance lock and pidfile (`handler.pidlock`), logging, signals, the real identity and
+vault clients and a `StatusReporter` wired into `akvvm_ext.service.Service`; `--once`: one pass.
 """
 from __future__ import annotations
 
@@ -117,7 +115,7 @@ def main(argv: Sequence[str]) -> int:
             return once(config, scale)
         finally:
             logs.shutdown()
-    logs.setup(config.log_dir, "Service", config.settings.logging)
+    _setup_logging(config)
     if scale_note:
         log.warning("%s", scale_note)
     outcome = serve(args.config, config, scale)
@@ -127,6 +125,15 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.flush()
         os._exit(outcome.code)
     return outcome.code
+
+
+def _setup_logging(config: Config) -> None:
+    """The log folder, else stderr (read-only, a file in its place): said once, the service runs."""
+    try:
+        logs.setup(config.log_dir, "Service", config.settings.logging)
+    except OSError as err:
+        logs.setup(None, "Service", config.settings.logging)
+        log.warning("cannot log to %s (%s); logging to stderr", config.log_dir, err.strerror or err)
 
 
 def _config_failed(err: ConfigError) -> int:
@@ -277,8 +284,7 @@ class _Loader:
     """`load_settings` for the Service: config.json at start, re-read on every reload."""
 
     def __init__(self, path: str, config: Config, reporter: status.StatusReporter) -> None:
-        self.path, self.config, self.reporter = path, config, reporter
-        self.first = True
+        self.path, self.config, self.reporter, self.first = path, config, reporter, True
 
     def load(self) -> Settings:
         if self.first:
@@ -287,7 +293,7 @@ class _Loader:
         fresh = read_config(self.path)
         self.reporter.retarget(fresh.status_dir, fresh.seq)
         if fresh.settings.logging != self.config.settings.logging:
-            logs.setup(fresh.log_dir, "Service", fresh.settings.logging)
+            _setup_logging(fresh)
         log.info("config reloaded (seq %d)", fresh.seq)
         self.config = fresh
         return fresh.settings
