@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from akvvm_ext.model import CertResult, ObservedCertificate, Outcome
 
@@ -9,7 +10,6 @@ from akvvm_ext.model import CertResult, ObservedCertificate, Outcome
 def failing(results: Sequence[CertResult]) -> list[CertResult]:
     """The results that failed."""
     return [r for r in results if r.outcome is Outcome.FAILED]
-
 
 
 class Board:
@@ -35,3 +35,10 @@ class Board:
     def carried(self, observed: Sequence[ObservedCertificate]) -> Board:
         """A board for new settings keeping what is known of the certificates still observed."""
         return Board(observed, self._latest)
+
+    def failed(self, certs: Sequence[ObservedCertificate], error: str) -> list[CertResult]:
+        """`certs` failed with an internal, retryable `error`; each still names what it serves."""
+        return [replace(self._latest.get(c) or CertResult(url=c.url, outcome=Outcome.FAILED),
+                        outcome=Outcome.FAILED, error=error, error_kind="INTERNAL",
+                        retryable=True, retry_after=None)
+                for c in certs]

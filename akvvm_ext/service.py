@@ -172,12 +172,20 @@ class Service:
 
     def _pass(self, settings: Settings, vaults: Any,
               certs: Sequence[ObservedCertificate]) -> list[CertResult]:
-        """One sync of `certs` (none: no call), merged into the board."""
+        """One sync of `certs` (none: no call), merged into the board; an unexpected exception
+        fails them all, retryable, instead of ending the service."""
         if not certs:
             return []
-        results = self._sync(replace(settings, observed=tuple(certs)), vaults, self._clock())
+        try:
+            results = self._sync(replace(settings, observed=tuple(certs)), vaults, self._clock())
+            self._board.update(certs, results)
+        except Exception as err:  # a bug or a process limit must not end the polling
+            log.exception("sync pass of %d certificate(s) failed unexpectedly; retried with "
+                          "backoff", len(certs))
+            results = self._board.failed(certs, f"internal error in the sync pass "
+                                         f"({type(err).__name__}); retried. See the service log.")
+            self._board.update(certs, results)
         self.passes += 1
-        self._board.update(certs, results)
         self._note_recoveries(self._board.results())
         return results
 
