@@ -104,6 +104,26 @@ def _no_proxy(current: Mapping[str, str], hosts: list[str]) -> str | None:
     return ",".join(entries + missing)
 
 
+def switch(
+    identity: Identity,
+    environ: MutableMapping[str, str],
+    written: dict[str, tuple[str | None, str | None]],
+    *,
+    arc_port: int = ARC_PORT,
+) -> None:
+    """Point `environ` at `identity`, first undoing what the previous call `written` there (key ->
+    (value before, value written)) where it is still in place: a reload that drops an msiEndpoint
+    or moves Arc -> IMDS leaves nothing of the old endpoint behind, and a variable someone else
+    changed since is left alone."""
+    for key, (before, after) in written.items():
+        if environ.get(key) == after:
+            apply({key: before}, environ)
+    written.clear()
+    changes = environment(identity, environ, arc_port=arc_port)
+    written.update({k: (environ.get(k), v) for k, v in changes.items() if environ.get(k) != v})
+    apply(changes, environ)
+
+
 def apply(changes: Mapping[str, str | None], environ: MutableMapping[str, str]) -> None:
     """Write `changes` into `environ` (os.environ in the service): the engine's only env writer.
 
@@ -113,9 +133,13 @@ def apply(changes: Mapping[str, str | None], environ: MutableMapping[str, str]) 
     for key, value in changes.items():
         if value is None:
             if environ.pop(key, None) is not None:
-                log.info("identity: unset %s (msiEndpoint is configured)", key)
+                log.info("identity: unset %s", key)
         elif environ.get(key) != value:
             environ[key] = value
+
+
+# What `credential()` changed in os.environ, for the next call (a reload) to undo.
+_WRITTEN: dict[str, tuple[str | None, str | None]] = {}
 
 
 def credential(
@@ -127,7 +151,7 @@ def credential(
     `backoff_scale` 1, azure-identity's own retry policy applies as it is. `backoff_scale`
     (AKVVM_BACKOFF_SCALE) also scales the cool-down after a failed token request.
     """
-    apply(environment(identity, os.environ, arc_port=arc_port), os.environ)
+    switch(identity, os.environ, _WRITTEN, arc_port=arc_port)
     if backoff_scale != 1.0:
         options.setdefault("retry_backoff_factor", IMDS_BACKOFF_FACTOR * backoff_scale)
         options.setdefault("retry_backoff_max", IMDS_BACKOFF_MAX * backoff_scale)

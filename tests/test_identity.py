@@ -252,3 +252,31 @@ def test_imds_upgrade_is_reported_as_transient(azure_env: dict[str, str], imds: 
     cred = identity.credential(imds_identity(imds), retry_total=0)
     err = fetch_error(Vaults(cred, connection_verify=kv.ca_path), vault_cert(kv, "web"))
     assert "(gone) IMDS is being upgraded" in str(err) and "msiClientId" not in str(err)
+
+
+def test_a_reload_without_msi_endpoint_leaves_nothing_of_the_old_one() -> None:
+    """IMDS stand-in, then Arc, then defaults: each switch undoes the previous one's variables,
+    and what the process had before is back in the end."""
+    env = {identity.POD_HOST: "http://127.0.0.1:9", "NO_PROXY": "a.example,127.0.0.1",
+           "no_proxy": "a.example,127.0.0.1"}
+    before = dict(env)
+    written: dict[str, tuple[str | None, str | None]] = {}
+    identity.switch(Identity(msi_endpoint="http://127.0.0.1:8123/metadata/identity"), env,
+                    written)
+    assert env[identity.POD_HOST] == "http://127.0.0.1:8123"
+    identity.switch(Identity(msi_endpoint=ARC), env, written)
+    assert env[identity.POD_HOST] == before[identity.POD_HOST]  # Arc's variables take precedence
+    assert env["IDENTITY_ENDPOINT"].startswith("http://localhost:40342/")
+    identity.switch(Identity(), env, written)
+    assert env == before
+
+
+def test_a_variable_changed_by_someone_else_is_left_alone() -> None:
+    """Only what the last switch wrote and is still in place is undone."""
+    env: dict[str, str] = {}
+    written: dict[str, tuple[str | None, str | None]] = {}
+    identity.switch(Identity(msi_endpoint="http://127.0.0.1:8123/metadata/identity"), env,
+                    written)
+    env[identity.POD_HOST] = "http://127.0.0.1:7777"
+    identity.switch(Identity(), env, written)
+    assert env[identity.POD_HOST] == "http://127.0.0.1:7777"
