@@ -200,3 +200,16 @@ def test_fluentd_records_carry_sub_second_time(tmp_path: Path) -> None:
     assert record.tag == "svc"
     assert record.record == {"level": "WARNING", "component": "Sync", "message": "one"}
     assert before - 0.01 <= record.time <= time.time() and record.time != int(record.time)
+
+
+@pytest.mark.parametrize(("line", "kept"), [
+    ('{"password": "correct horse battery", "user": "bob"}', '"user": "bob"'),
+    ("{'client_secret': 'correct horse', 'tenant': 't1'}", "'tenant': 't1'"),
+    ('{"access_token": "abc\\"correct horse\\\\", "expires_in": "3600"}', '"expires_in": "3600"'),
+    ('refresh_token="correct horse', "refresh_token="),
+])
+def test_quoted_secret_values_are_redacted_whole(line: str, kept: str) -> None:
+    """A quoted password or token is removed entirely (spaces, escaped quotes); the rest stays."""
+    clean = logs.redact(line)
+    assert "correct" not in clean and "horse" not in clean, clean
+    assert "[REDACTED]" in clean and kept in clean, clean
