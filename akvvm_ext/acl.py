@@ -127,7 +127,7 @@ def _take_back(record: TraversalGrant) -> None:
         entries[key] &= ~EXECUTE
         if not entries[key]:
             del entries[key]
-        _write(record.path, entries)
+        _write(record.path, entries, mask_plus=0)
 
 
 def _resolve(acl: AclGrant) -> list[_Principal]:
@@ -194,7 +194,7 @@ def _ensure(path: str, principal: _Principal, bit: int) -> bool:
         return False
     key = _key(principal)
     entries[key] = entries.get(key, 0) | bit
-    _write(path, entries)
+    _write(path, entries, mask_plus=bit)
     return True
 
 
@@ -240,10 +240,15 @@ def _parse(text: str) -> Entries:
     return entries
 
 
-def _write(path: str, entries: Entries) -> None:
+def _write(path: str, entries: Entries, mask_plus: int | None = None) -> None:
+    """Set the access ACL. The mask is recomputed as setfacl does (the union of the group
+    class); with `mask_plus`, an existing mask only gains those bits: a directory that is not
+    ours keeps what its mask withholds from other named entries."""
     named = [perms for (tag, qualifier), perms in entries.items() if qualifier is not None]
-    entries.pop(("m", None), None)
-    if named:  # recompute the mask as setfacl does: the union of the group class
+    mask = entries.pop(("m", None), None)
+    if named and mask is not None and mask_plus is not None:
+        entries[("m", None)] = mask | mask_plus
+    elif named:
         entries[("m", None)] = functools.reduce(operator.or_, named, entries[("g", None)])
     text = ",".join(_entry_text(key, perms) for key, perms in sorted(entries.items(), key=_order))
     try:

@@ -108,6 +108,19 @@ def test_revert_takes_back_the_ancestor_grant(installed: Installed) -> None:
     acl.revert([acl.TraversalGrant(str(installed.base / "gone"), "user", NOBODY)])
 
 
+def test_a_grant_and_its_revert_do_not_widen_an_admin_s_mask(installed: Installed) -> None:
+    """An ancestor where the admin's mask withholds rwx from user 54321: our traversal grant
+    adds execute to the mask and nothing more, and the revert gives back nothing else."""
+    subprocess.run(["setfacl", "-m", "u:54321:rwx", str(installed.base)], check=True)
+    installed.base.chmod(0o700)  # with an ACL, chmod sets the mask: u:54321 has nothing left
+    records = acl.grant([str(installed.version_file)], str(installed.store_dir),
+                        [AclGrant(user="nobody")])
+    assert "mask::--x" in getfacl(installed.base)
+    acl.revert(records)
+    assert "mask::--x" in getfacl(installed.base) and f"user:{NOBODY}" not in str(
+        getfacl(installed.base))
+
+
 def test_revert_keeps_an_entry_the_user_had_before(installed: Installed) -> None:
     """An ancestor entry that existed with read only loses just the added execute bit."""
     subprocess.run(["setfacl", "-m", f"u:{NOBODY}:r", str(installed.base)], check=True)
@@ -182,10 +195,10 @@ def test_ancestor_grants_are_recorded_even_when_a_later_step_fails(
     """The first principal's ancestor grant is told to `record` before the second one fails."""
     real_write = acl._write
 
-    def failing_for_daemon(path: str, entries: acl.Entries) -> None:
+    def failing_for_daemon(path: str, entries: acl.Entries, mask_plus: int | None = None) -> None:
         if ("u", pwd.getpwnam("daemon").pw_uid) in entries:
             raise AclError("simulated failure", "")
-        real_write(path, entries)
+        real_write(path, entries, mask_plus)
 
     monkeypatch.setattr(acl, "_write", failing_for_daemon)
     heard: list[acl.TraversalGrant] = []
