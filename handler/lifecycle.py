@@ -1,7 +1,8 @@
 """The five lifecycle commands the agent runs, as a table of small operations on a `Context`.
 
 Each returns a one-line summary for the log or raises; `handler.main` alone turns errors into
-error statuses and exit codes.
+error statuses and exit codes. Only enable needs third-party packages (imported there): the
+dependency guard in `handler.__main__` runs update and uninstall with the standard library alone.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from typing import Any, Literal
 
 from akvvm_ext import acl
 from akvvm_ext.errors import AkvvmError
-from akvvm_ext.settings import parse
-from handler import environment, grants, settings_file, status
+from handler import environment, grants
 from handler.environment import EXTENSION_NAME, Environment, remove_file, write_atomic
 from handler.supervisor import ServiceSpec, Supervisor, spec_for
 
@@ -113,6 +113,9 @@ def _importable(name: str) -> bool:
 
 def enable(ctx: Context) -> str:
     """Validate the settings, then make the service run them; cheap when nothing changed."""
+    from akvvm_ext.settings import parse  # jsonschema and cryptography: enable's alone
+    from handler import settings_file
+
     reported = os.path.exists(os.path.join(ctx.env.status_dir, f"{ctx.seq}.status"))
     if not reported:
         report_starting(ctx)
@@ -130,6 +133,8 @@ def enable(ctx: Context) -> str:
 
 def report_starting(ctx: Context) -> None:
     """A transitioning status: the agent never finds the file missing while the service starts."""
+    from handler import status  # tenacity, through the engine's service module
+
     os.makedirs(ctx.env.status_dir, exist_ok=True)
     status.write(ctx.env.status_dir, ctx.seq,
                  status.document("Enable", "transitioning", STARTING, now=ctx.clock()))
@@ -205,23 +210,31 @@ def uninstall(ctx: Context) -> str:
     successor = _successor(ctx.env)
     if successor:
         return f"uninstall {ctx.env.version}: {successor} takes over, service and state kept"
+    left = ""
     if os.path.isdir(ctx.env.state_dir):
         with lifecycle_lock(ctx.env.state_dir):
             ctx.supervisor.remove(ctx.spec)
-            revert_ancestor_grants(ctx.env.state_dir)
+            left = revert_ancestor_grants(ctx.env.state_dir)
         shutil.rmtree(ctx.env.state_dir, ignore_errors=True)
     else:
         ctx.supervisor.remove(ctx.spec)
-    return "uninstall: service removed; installed certificates are kept"
+    return f"uninstall: service removed{left}; installed certificates are kept"
 
 
-def revert_ancestor_grants(state_dir: str) -> None:
+def revert_ancestor_grants(state_dir: str) -> str:
     """Take back the traversal ACLs the service added to store ancestors (the grants ledger);
-    the grants on the certificates themselves stay with them."""
+    the grants on the certificates themselves stay with them. Returns what it had to leave."""
+    recorded = grants.load(state_dir)
+    if recorded and acl.use_tools and not all(map(shutil.which, ("getfacl", "setfacl"))):
+        paths = ", ".join(sorted({g.path for g in recorded})[:5])
+        log.warning("Neither pylibacl nor getfacl/setfacl: ancestor ACL grants left on %s", paths)
+        return (f", {len(recorded)} traversal ACL grant(s) left on {paths} (neither pylibacl "
+                "nor getfacl/setfacl found; remove them with setfacl -x)")
     try:
-        acl.revert(grants.load(state_dir))
+        acl.revert(recorded)
     except AkvvmError as err:
         log.warning("could not revert ancestor ACL grants: %s", err)
+    return ""
 
 
 def _successor(env: Environment) -> str | None:
