@@ -147,6 +147,12 @@ def identity_endpoint(text: str) -> list[str]:
         raise UrlProblem("is not a valid URL (bad host or port)", "") from err
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UrlProblem("must be an http(s) URL with a host", "")
+    if parts.username is not None or parts.password is not None:
+        raise UrlProblem("must not carry a user name or password",
+                         "The endpoint takes none; remove the part before '@'.")
+    if parts.port == 0 or parts.netloc.endswith(":"):
+        raise UrlProblem("has an empty or zero port", "Give the port the endpoint listens on, "
+                         "or none for the default.")
     if parts.path.rstrip("/") not in _IDENTITY_PATHS:
         raise UrlProblem(
             "has a path other than /metadata/identity or /metadata/identity/oauth2/token", ""
