@@ -12,6 +12,11 @@ def failing(results: Sequence[CertResult]) -> list[CertResult]:
     return [r for r in results if r.outcome is Outcome.FAILED]
 
 
+def not_installed(result: CertResult) -> bool:
+    """A failure that left nothing installed: what the initial sync waits for (SPEC 3.6)."""
+    return result.outcome is Outcome.FAILED and result.version is None
+
+
 class Board:
     """The latest result of each observed certificate, in settings order: what is reported."""
 

@@ -5,8 +5,9 @@ never retried inside it. A retryable failure instead gets a retry pass for that 
 (`backoff.Holds`): never sooner than the server's Retry-After, else exponential backoff with
 jitter growing with each failure in a row, at most the polling interval; the retry pass is that
 certificate's cycle. So no certificate gets more than one GET per cycle or retry pass, nor one
-sooner than its Retry-After or backoff. The initial sync (requireInitialSync) retries on its own
-schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6); what it
+sooner than its Retry-After or backoff. The initial sync (requireInitialSync) waits only for
+certificates with nothing installed (an installed one that fails takes the retry passes), on its
+own schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6); what it
 gave up on is then tried once per poll cycle. A reload reports the last results at once and
 syncs again only certificates it added or changed that are not installed.
 
@@ -27,8 +28,8 @@ from typing import Any, Literal, Protocol
 import tenacity
 
 from akvvm_ext import backoff, logs
-from akvvm_ext.board import Board, failing
-from akvvm_ext.model import CertResult, ObservedCertificate, Outcome, Settings
+from akvvm_ext.board import Board, failing, not_installed
+from akvvm_ext.model import CertResult, ObservedCertificate, Settings
 
 Phase = Literal["transitioning", "success", "error"]
 SyncPass = Callable[[Settings, Any, datetime], list[CertResult]]
@@ -112,8 +113,8 @@ class Service:
 
     def _initial_retries(self, settings: Settings, vaults: Any,
                          targets: Sequence[ObservedCertificate]) -> Phase:
-        """Retry only the failing until all are installed, 25 retries or the budget run out."""
-        pending = _Pending(targets, lambda certs: self._pass(settings, vaults, certs),
+        """Retry only the uninstalled until all are installed, 25 retries or the budget run out."""
+        pending = _Pending(targets, lambda certs: self._initial_pass(settings, vaults, certs),
                            self._interrupted)
         started = self._monotonic()
 
@@ -143,14 +144,14 @@ class Service:
     def _transitioning(self, state: tenacity.RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
         detail = f"Retry {state.attempt_number} of {backoff.INITIAL_RETRIES} in {delay:.0f} s."
-        results = self._board.results()
-        log.info("initial sync: %d certificate(s) failing; %s", len(failing(results)), detail)
-        self._tell("transitioning", results, detail)
+        log.info("initial sync: %d certificate(s) not installed; %s", len(self._board.missing()),
+                 detail)
+        self._tell("transitioning", self._board.results(), detail)
 
     def _poll(self, settings: Settings, vaults: Any) -> None:
         """Poll cycles and retry passes (module docstring) until stop or reload."""
         while not self._interrupted():
-            if self._phase == "error" and not failing(self._board.results()):
+            if self._phase == "error" and not self._board.missing():
                 log.info("every certificate is installed now; recovered from the initial error")
                 self._phase = "success"
             self._report()
@@ -163,6 +164,15 @@ class Service:
             now = self._monotonic()
             self._cycle_pass(settings, vaults, [c for c in settings.observed
                                                 if self._holds.due(c.url, now, cycle)])
+
+    def _initial_pass(self, settings: Settings, vaults: Any,
+                      certs: Sequence[ObservedCertificate]) -> list[CertResult]:
+        """An initial attempt; a certificate with a version installed is no longer the initial
+        sync's business: its failure takes the retry passes of a poll cycle."""
+        results = self._pass(settings, vaults, certs)
+        self._holds.record([r for r in results if not not_installed(r)], self._monotonic(),
+                           self._next_poll, settings.polling_interval_s)
+        return results
 
     def _cycle_pass(self, settings: Settings, vaults: Any,
                     certs: Sequence[ObservedCertificate]) -> None:
@@ -258,7 +268,7 @@ class Service:
 
 
 class _Pending:
-    """The initial sync's certificates not installed yet; each attempt syncs only those."""
+    """The initial sync's certificates with nothing installed; each attempt syncs only those."""
 
     def __init__(self, certs: Sequence[ObservedCertificate],
                  run: Callable[[Sequence[ObservedCertificate]], list[CertResult]],
@@ -268,13 +278,12 @@ class _Pending:
         self.attempts = 0
 
     def attempt(self) -> list[ObservedCertificate]:
-        """Sync the pending certificates (unless interrupted); return those still failing."""
+        """Sync the pending certificates (unless interrupted); return those still not installed."""
         if self.certs and not self.interrupted():
             results = self.run(self.certs)
             self.attempts += 1
-            self.failed = failing(results)
-            self.certs = [c for c, r in zip(self.certs, results, strict=True)
-                          if r.outcome is Outcome.FAILED]
+            self.failed = [r for r in results if not_installed(r)]
+            self.certs = [c for c, r in zip(self.certs, results, strict=True) if not_installed(r)]
         return self.certs
 
     def retry_after(self) -> float | None:

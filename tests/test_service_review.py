@@ -7,7 +7,15 @@ import logging
 import pytest
 
 from akvvm_ext.model import CertResult, Outcome
-from tests.test_service import FakeSync, Recorder, _prompt_reloads, run_until, service, settings
+from tests.test_service import (
+    FakeSync,
+    Recorder,
+    _prompt_reloads,
+    fail,
+    run_until,
+    service,
+    settings,
+)
 
 __all__ = ["_prompt_reloads"]  # the fixture, shared with test_service
 
@@ -42,3 +50,52 @@ def test_exception_in_the_first_initial_attempt_is_retried() -> None:
     run_until(service(lambda: settings("a", "b", initial=True), fake, recorder), fake, 3)
     assert [names for _, names in fake.calls[:2]] == [("a", "b"), ("a", "b")]
     assert recorder.phases[:2] == ["transitioning", "success"]
+
+
+def serving(url: str, *, retryable: bool = True) -> CertResult:
+    """A failed refresh of a certificate whose version v1 stays installed and served."""
+    return CertResult(url=url, outcome=Outcome.FAILED, version="v1",
+                      path="/store/vault.a.v1", link="/store/vault.a",
+                      error="HTTP 503 ServiceUnavailable.", error_kind="FETCH",
+                      retryable=retryable)
+
+
+A = "https://vault.localhost/secrets/a"
+B = "https://vault.localhost/secrets/b"
+
+
+def test_installed_certificate_failing_at_restart_keeps_success_and_gets_retry_passes() -> None:
+    """requireInitialSync after a restart: an installed cert whose refresh fails is success
+    (its substatus failing) and is retried in backed-off passes of its own, not initial retries."""
+    fake = FakeSync(scripts={"a": lambda n: serving(A)})
+    recorder = Recorder()
+    run_until(service(lambda: settings("a", "b", initial=True, interval=100), fake, recorder,
+                      scale=0.01),
+              fake, 3)
+    assert [names for _, names in fake.calls] == [("a", "b"), ("a",), ("a",)]
+    assert set(recorder.phases) == {"success"}
+    assert recorder.reports[0][1][0].outcome is Outcome.FAILED
+
+
+def test_initial_sync_waits_only_for_the_uninstalled_certificate() -> None:
+    """requireInitialSync: transitioning retries only the cert with nothing installed; success
+    once it is, though an installed one still fails its refresh."""
+    fake = FakeSync(scripts={"a": lambda n: serving(A, retryable=False),
+                             "b": lambda n: fail(B) if n <= 2 else None})
+    recorder = Recorder()
+    run_until(service(lambda: settings("a", "b", initial=True), fake, recorder), fake, 4)
+    assert [names for _, names in fake.calls[:3]] == [("a", "b"), ("b",), ("b",)]
+    assert recorder.phases[:3] == ["transitioning", "transitioning", "success"]
+    assert recorder.reports[2][1][0].outcome is Outcome.FAILED
+
+
+def test_initial_error_recovers_once_all_are_installed_though_one_still_fails() -> None:
+    """After the initial sync gave up, installing the missing cert turns error into success even
+    while an installed cert keeps failing its refresh."""
+    fake = FakeSync(scripts={"a": lambda n: serving(A, retryable=False),
+                             "b": lambda n: fail(B, retryable=False) if n <= 26 else None})
+    recorder = Recorder()
+    run_until(service(lambda: settings("a", "b", initial=True), fake, recorder), fake, 28)
+    assert recorder.phases[:26] == ["transitioning"] * 25 + ["error"]
+    assert recorder.phases[-1] == "success"
+    assert [r.outcome for r in recorder.reports[-1][1]] == [Outcome.FAILED, Outcome.UNCHANGED]
