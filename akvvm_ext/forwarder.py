@@ -3,10 +3,13 @@ thread, so logging never blocks or fails a sync; what cannot be sent is dropped 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 
+import msgpack  # fluent-logger's own wire format
 from fluent.sender import FluentSender
 
 from akvvm_ext.model import LoggingTarget
@@ -36,7 +39,7 @@ class Fluent:
         self._thread.start()
 
     def _overflow(self, pending: bytes) -> None:
-        self.dropped += 1
+        self.dropped += _records(pending)
 
     def _pump(self) -> None:
         while (record := self.queue.get()) is not None:
@@ -57,13 +60,31 @@ class Fluent:
 
     def stop(self, timeout: float = 2.0) -> None:
         """Flush what is queued within `timeout`, then close; never hangs the service's exit."""
-        try:
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=timeout / 2)
-        except queue.Full:
-            pass
-        self._thread.join(timeout / 2)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if not self._thread.is_alive():
-            self.sender.close()
+            self._close_sender()
+
+    def _close_sender(self) -> None:
+        """Close without the sender's last resend of what failed before (its reconnect and send
+        take up to a socket timeout each, past the caller's budget): dropped and counted."""
+        with self.sender.lock:
+            pending, self.sender.pendings = self.sender.pendings, None
+        if pending:
+            self.dropped += _records(pending)
+        self.sender.close()
+
+
+def _records(pending: bytes) -> int:
+    """How many forward-protocol messages a buffer of the sender holds."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(pending) + 1, raw=True)
+    try:
+        unpacker.feed(pending)
+        return max(1, sum(1 for _ in unpacker))
+    except (ValueError, msgpack.UnpackException):
+        return 1
 
 
 class _Enqueue(logging.Handler):

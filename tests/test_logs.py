@@ -213,3 +213,31 @@ def test_quoted_secret_values_are_redacted_whole(line: str, kept: str) -> None:
     clean = logs.redact(line)
     assert "correct" not in clean and "horse" not in clean, clean
     assert "[REDACTED]" in clean and kept in clean, clean
+
+
+def test_shutdown_keeps_its_budget_when_fluentd_stops_answering(tmp_path: Path) -> None:
+    """A record fluentd never took is counted as dropped; shutdown still ends within its budget."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)  # never accepts: once its queue is full, new connects hang
+        port = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        try:
+            fluent = logs.setup(str(tmp_path), "Service", LoggingTarget("s", "127.0.0.1", port))
+            assert fluent is not None
+            logging.getLogger().warning("fluentd will not take this")
+            deadline = time.monotonic() + 10
+            while not fluent.sender.pendings:  # the pump gave up on its connect and idles
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            start = time.monotonic()
+            logs.shutdown(timeout=0.2)
+            took = time.monotonic() - start
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert took < 0.5, f"shutdown(timeout=0.2) took {took:.2f} s"
+    assert "fluentd: 1 log records dropped in total" in (tmp_path / "akvvm_service.log").read_text()
