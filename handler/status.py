@@ -125,8 +125,11 @@ def headline(phase: Phase, results: Sequence[CertResult], detail: str, started: 
     else:
         text = f"{STARTED} {started}"
         if failing:
-            text += (f" {len(failing)} of {len(results)} certificates failing, the last good"
-                     " files are still served; see substatus.")
+            unserved = sum(1 for r in failing if not r.version)
+            text += f" {len(failing)} of {len(results)} certificates failing"
+            text += (f", {unserved} of them with nothing installed yet" if unserved
+                     else ", the last good files are still served")
+            text += "; see substatus."
     return f"{text} {detail}".strip() if detail else text
 
 

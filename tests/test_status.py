@@ -216,3 +216,11 @@ def test_error_message_with_many_failures_is_cut_for_the_portal(tmp_path: Path) 
     parsed = parse_with_agent(tmp_path / "1.status")
     assert parsed.status == "error" and len(parsed.message) <= 1024
     assert parsed.message.endswith("[truncated]")
+
+
+def test_headline_does_not_claim_files_are_served_when_none_was_installed() -> None:
+    """'still served' only when every failing certificate has a version behind its link."""
+    never = status.headline("success", [ok(1), failed(2)], "", "2026-11-26T00:00:00Z")
+    assert "1 of them with nothing installed yet" in never and "still served" not in never
+    kept = status.headline("success", [ok(1), failed(2, version="v0")], "", "2026-11-26T00:00:00Z")
+    assert "the last good files are still served" in kept
