@@ -25,7 +25,11 @@ UNIT_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), UNIT_NA
 SYSTEMD_MARKER = "/run/systemd/system"  # exists only when systemd is PID 1
 CHOICE_VARIABLE = "AKVVM_SUPERVISOR"  # "daemon" or "systemd": overrides the detection (tests)
 PASSTHROUGH = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
-               "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+               "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+               # azure-identity's own variables (Azure Arc, a default client id, the IMDS host):
+               # without an msiEndpoint its defaults and these decide, in the service as in enable
+               "IDENTITY_ENDPOINT", "IMDS_ENDPOINT", "AZURE_CLIENT_ID",
+               "AZURE_POD_IDENTITY_AUTHORITY_HOST")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONSOLE_LOG = "akvvm_service.console.log"
 
@@ -65,7 +69,8 @@ class ServiceSpec:
 
 def spec_for(extension_dir: str, state_dir: str, log_dir: str,
              environ: Mapping[str, str]) -> ServiceSpec:
-    """The service spec, passing proxies, CA bundles and every `AKVVM_*` variable through."""
+    """The service spec, passing proxies, CA bundles, azure-identity's endpoint variables and
+    every `AKVVM_*` variable through."""
     names = sorted(n for n in environ if n in PASSTHROUGH or n.startswith("AKVVM_"))
     return ServiceSpec(extension_dir, state_dir, log_dir,
                        tuple((n, environ[n]) for n in names if n != CHOICE_VARIABLE))

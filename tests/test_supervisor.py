@@ -157,6 +157,17 @@ def test_spec_passes_proxies_and_akvvm_variables_only(tmp_path):
     assert made.environment == (("AKVVM_BACKOFF_SCALE", "0.01"), ("HTTPS_PROXY", "http://p:1"))
 
 
+def test_spec_passes_azure_identity_endpoint_variables(tmp_path):
+    """An Arc machine's IDENTITY_ENDPOINT/IMDS_ENDPOINT reach the service (daemon or unit)."""
+    made = supervisor.spec_for("/e", "/s", "/l", {
+        "IDENTITY_ENDPOINT": "http://localhost:40342/metadata/identity/oauth2/token",
+        "IMDS_ENDPOINT": "http://localhost:40342", "AZURE_CLIENT_ID": "c", "IDENTITY_HEADER": "h"})
+    assert dict(made.environment) == {
+        "AZURE_CLIENT_ID": "c", "IDENTITY_ENDPOINT":
+        "http://localhost:40342/metadata/identity/oauth2/token",
+        "IMDS_ENDPOINT": "http://localhost:40342"}
+
+
 def test_daemon_starts_detached_reloads_and_stops(spec):
     """A live daemon: own session, pidfile pid is ours, SIGHUP delivered, SIGTERM stops it."""
     daemon = Daemon(start_timeout=10)
