@@ -9,7 +9,8 @@ sooner than its Retry-After or backoff. The initial sync (requireInitialSync) wa
 certificates with nothing installed (an installed one that fails takes the retry passes), on its
 own schedule: 25 retries, ended early when the next would start past an hour (SPEC 3.6); what it
 gave up on is then tried once per poll cycle. A reload reports the last results at once and
-syncs again only certificates it added or changed that are not installed.
+syncs again only certificates it added or changed that are not installed; after the initial sync
+gave up, it starts that again with fresh retries (a new goal state must not inherit the error).
 
 Settings, vault access, the sync pass, time, randomness and reporting come in as arguments; the
 loop waits only on the stop event, so a stop request ends it at once.
@@ -144,8 +145,7 @@ class Service:
     def _transitioning(self, state: tenacity.RetryCallState) -> None:
         delay = state.next_action.sleep if state.next_action else 0.0
         detail = f"Retry {state.attempt_number} of {backoff.INITIAL_RETRIES} in {delay:.0f} s."
-        log.info("initial sync: %d certificate(s) not installed; %s", len(self._board.missing()),
-                 detail)
+        log.info("initial sync: %d not installed yet; %s", len(self._board.missing()), detail)
         self._tell("transitioning", self._board.results(), detail)
 
     def _poll(self, settings: Settings, vaults: Any) -> None:
@@ -167,8 +167,7 @@ class Service:
 
     def _initial_pass(self, settings: Settings, vaults: Any,
                       certs: Sequence[ObservedCertificate]) -> list[CertResult]:
-        """An initial attempt; a certificate with a version installed is no longer the initial
-        sync's business: its failure takes the retry passes of a poll cycle."""
+        """An initial attempt; an installed certificate that fails takes the retry passes."""
         results = self._pass(settings, vaults, certs)
         self._holds.record([r for r in results if not not_installed(r)], self._monotonic(),
                            self._next_poll, settings.polling_interval_s)
@@ -241,12 +240,15 @@ class Service:
 
     def _reloaded(self, settings: Settings, vaults: Any) -> tuple[Settings, Any]:
         """Apply new settings: report what is known at once (the reporter may have a new target),
-        and sync only what the change left uninstalled; on a bad reload keep the last good ones."""
+        sync what is not installed when the change added it or the initial sync had given up
+        (with fresh retries); on a bad reload keep the last good ones."""
         fresh, fresh_vaults = self._load(settings, vaults)
         changed = set(fresh.observed) != set(settings.observed)
         self._board = self._board.carried(fresh.observed)
         self._holds.keep({c.url for c in fresh.observed})
         self._next_poll = min(self._next_poll, self._poll_at(fresh))
+        if self._phase == "error":  # the agent takes error as final: retry before reporting it
+            self._phase = "transitioning" if fresh.require_initial_sync else "success"
         self._report()
         if (changed and self._board.missing()) or self._phase == "transitioning":
             self._initial(fresh, fresh_vaults, first=False)

@@ -13,8 +13,10 @@ from tests.test_service import (
     _prompt_reloads,
     fail,
     run_until,
+    running,
     service,
     settings,
+    wait_until,
 )
 
 __all__ = ["_prompt_reloads"]  # the fixture, shared with test_service
@@ -99,3 +101,37 @@ def test_initial_error_recovers_once_all_are_installed_though_one_still_fails() 
     assert recorder.phases[:26] == ["transitioning"] * 25 + ["error"]
     assert recorder.phases[-1] == "success"
     assert [r.outcome for r in recorder.reports[-1][1]] == [Outcome.FAILED, Outcome.UNCHANGED]
+
+
+def gave_up_then_reloaded(still_broken: bool) -> tuple[FakeSync, Recorder, int, int]:
+    """requireInitialSync: b's 403 uses up the initial retries; then (b fixed unless
+    `still_broken`) a reload, the new goal state; returns the reports and calls before it."""
+    broken = [True]
+    fake = FakeSync(scripts={"b": lambda n: fail(B, retryable=False, error="HTTP 403 Forbidden.")
+                             if broken[0] else None})
+    recorder = Recorder()
+    svc = service(lambda: settings("b", initial=True, interval=10_000_000), fake, recorder,
+                  scale=1e-6, monotonic=lambda: 0.0)  # no poll cycle within the test
+    with running(svc):
+        wait_until(lambda: "error" in recorder.phases)
+        reports, calls = len(recorder.reports), len(fake.calls)
+        broken[0] = still_broken
+        svc.request_reload()
+        wait_until(lambda: len(fake.calls) > calls and recorder.phases[-1] != "transitioning")
+    return fake, recorder, reports, calls
+
+
+def test_reload_after_initial_error_retries_before_reporting() -> None:
+    """After the initial sync gave up, a new goal state (reload) is transitioning and retried
+    at once: success once access is fixed, never the old error."""
+    fake, recorder, reports, calls = gave_up_then_reloaded(still_broken=False)
+    assert recorder.phases[reports:] == ["transitioning", "success"]
+    assert len(fake.calls) == calls + 1
+
+
+def test_reload_after_initial_error_gets_fresh_retries() -> None:
+    """A new goal state while the certificate still fails gets 25 new retries, then error."""
+    fake, recorder, reports, calls = gave_up_then_reloaded(still_broken=True)
+    assert recorder.phases[reports:] == ["transitioning"] * 26 + ["error"]
+    assert len(fake.calls) == calls + 26
+    assert recorder.reports[-1][2].startswith("Gave up after 25 retries")
