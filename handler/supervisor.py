@@ -226,7 +226,8 @@ class Daemon:
             remove_file(spec.pidfile)  # stale: its process is gone or is not ours
             return
         os.kill(pid, signal.SIGTERM)
-        if not self._wait(lambda: not _alive(pid), self.stop_timeout):
+        # until it is gone or no longer our service (a pid can be reused meanwhile)
+        if not self._wait(lambda: not self._ours(pid, spec), self.stop_timeout):
             log.warning("Service pid %d ignored SIGTERM for %.0f s; killing it", pid,
                         self.stop_timeout)
             os.kill(pid, signal.SIGKILL)
@@ -248,7 +249,12 @@ class Daemon:
         if not text.isdigit():
             return None
         pid = int(text)
-        return pid if _alive(pid) and is_service_cmdline(cmdline(pid), spec) else None
+        return pid if self._ours(pid, spec) else None
+
+    @staticmethod
+    def _ours(pid: int, spec: ServiceSpec) -> bool:
+        """Alive and still running our service's command line (a pid can be reused)."""
+        return _alive(pid) and is_service_cmdline(cmdline(pid), spec)
 
     @staticmethod
     def _wait(done: Callable[[], bool], timeout: float) -> bool:

@@ -245,3 +245,26 @@ def test_a_service_ignoring_sigterm_is_killed_after_the_stop_timeout(spec):
     daemon.stop(spec)
     assert time.monotonic() - started < 5
     assert service_pids(spec) == [] and not daemon.is_running(spec)
+
+
+def test_stop_never_kills_a_process_that_stopped_being_our_service(spec):
+    """A pid that turns into something else after SIGTERM (here: exec of `sleep`, still
+    ignoring SIGTERM) is not ours any more: stop returns without SIGKILL."""
+    launcher = os.path.join(spec.extension_dir, "bin", "akvvm")
+    source = FAKE_SERVICE.format(python=sys.executable).replace(
+        "    os.unlink(pidfile)\n    sys.exit(0)",
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    os.execv('/bin/sleep', ['sleep', '30'])")
+    with open(launcher, "w") as handle:
+        handle.write(source)
+    daemon = Daemon(start_timeout=10, stop_timeout=5)
+    daemon.restart(spec)
+    pid = daemon.pid(spec)
+    assert pid is not None
+    try:
+        started = time.monotonic()
+        daemon.stop(spec)
+        assert time.monotonic() - started < 4
+        assert os.path.exists(f"/proc/{pid}") and supervisor.cmdline(pid)[0] == "sleep"
+    finally:
+        os.kill(pid, signal.SIGKILL)
