@@ -42,8 +42,8 @@ def scale_from(environ: Mapping[str, str]) -> tuple[float, str | None]:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        return 1.0, f"{SCALE_ENV}={raw!r} is not a non-negative number; using 1"
+    if not math.isfinite(value) or value <= 0:  # 0 would poll Key Vault without a pause
+        return 1.0, f"{SCALE_ENV}={raw!r} is not a positive number; using 1"
     return value, None
 
 

@@ -175,11 +175,12 @@ def test_every_delay_is_scaled() -> None:
 
 
 @pytest.mark.parametrize(("raw", "expected", "noted"), [
-    (None, 1.0, False), ("", 1.0, False), ("0.001", 0.001, False), ("0", 0.0, False),
+    (None, 1.0, False), ("", 1.0, False), ("0.001", 0.001, False), ("0", 1.0, True),
     ("fast", 1.0, True), ("-1", 1.0, True), ("nan", 1.0, True), ("inf", 1.0, True),
 ])
 def test_scale_from_environment(raw: str | None, expected: float, noted: bool) -> None:
-    """The scale parses as a non-negative float; anything else falls back to 1 with a note."""
+    """The scale parses as a positive float; anything else (0 would poll without a pause) falls
+    back to 1 with a note."""
     environ = {} if raw is None else {backoff.SCALE_ENV: raw}
     value, note = backoff.scale_from(environ)
     assert value == expected and (note is not None) == noted
