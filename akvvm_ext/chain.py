@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import PublicKeyAlgorithmOID
 
 from akvvm_ext.errors import ContentError
 
@@ -25,7 +26,8 @@ PKCS12 = "application/x-pkcs12"
 PEM = "application/x-pem-file"
 
 _Ext = TypeVar("_Ext", bound=x509.ExtensionType)
-_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\n.*?\n-----END \1-----", re.DOTALL)
+# openssl also reads a block whose BEGIN/END lines end in blanks (an editor's trailing spaces)
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----[ \t]*\n.*?\n-----END \1-----", re.DOTALL)
 _REIMPORT = "Re-import the certificate into Key Vault as a PFX or PEM with its private key."
 _EXPORT_HINT = (
     "Key Vault certificates are exported without a password; re-import the certificate with an "
@@ -61,6 +63,10 @@ def convert(value: str, content_type: str | None, now: datetime) -> Bundle:
     if parsed.key is None:
         raise ContentError("the secret holds no private key.", _REIMPORT)
     leaf = _pick_leaf(parsed.key, parsed.certs)
+    if leaf.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
+        raise ContentError(  # re-encoded, its key would say plain RSA and no server loads the pair
+            "the certificate has an RSA-PSS key, which cannot be written as a key file that "
+            "matches it.", "Issue the certificate with an RSA (rsaEncryption) or EC key.")
     chain, dropped = _order(leaf, [c for c in parsed.certs if c != leaf])
     warnings = (parsed.warnings + _dropped_warnings(dropped)
                 + validity_warnings(leaf.not_valid_before_utc, leaf.not_valid_after_utc, now))
@@ -229,7 +235,23 @@ def _find_issuer(
         named = keyed or [c for c in named if _subject_key_id(c) is None]
     if len(named) > 1:
         named = [c for c in named if _signed_by(cert, c)] or named
+    if len(named) > 1:  # cross-signed: first the copy whose issuers in the secret reach a root
+        pool = list(candidates)
+        return max(named, key=lambda c: (_reaches_root(c, pool), c.not_valid_after_utc))
     return max(named, key=lambda c: c.not_valid_after_utc, default=None)
+
+
+def _reaches_root(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> bool:
+    """Whether the issuers of `cert` found in `pool` lead to a self-signed certificate."""
+    seen = {cert}
+    while cert.subject != cert.issuer:
+        found = next((c for c in pool if c not in seen and c.subject == cert.issuer
+                      and _signed_by(cert, c)), None)
+        if found is None:
+            return False
+        seen.add(found)
+        cert = found
+    return True
 
 
 def _subject_key_id(cert: x509.Certificate) -> bytes | None:
@@ -279,9 +301,6 @@ def validity_warnings(not_before: datetime, not_after: datetime, now: datetime) 
 
 
 def _render(chain: Sequence[x509.Certificate], key: PrivateKeyTypes) -> bytes:
-    certs = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-    return certs + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain) + pkcs8
