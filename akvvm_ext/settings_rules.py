@@ -20,6 +20,7 @@ LOGGING: Path = ("loggingSettings",)
 DEFAULT_SERVICENAME = "akvvm_service"
 _VERSION_FILE = re.compile(r"(.+)\.[0-9a-f]{32}")
 _GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+LINK_NAME_MAX_BYTES = 233  # 255 minus the temp link's '.' and '.lnk-<16 hex>'
 
 
 @dataclass
@@ -60,7 +61,8 @@ def store_dir(value: str, path: Path, found: Findings) -> str | None:
     if "\0" in value:
         found.problem(path, "contains a NUL character", "Remove it")
         return None
-    return posixpath.normpath(value)
+    normal = posixpath.normpath(value)  # keeps a leading '//', which Linux reads as '/'
+    return "/" + normal.lstrip("/") if normal.startswith("//") else normal
 
 
 def certificates(
@@ -155,6 +157,11 @@ def _link_name(entry: dict[str, Any], path: Path, found: Findings) -> str | None
     if "/" in name or "\0" in name or name in (".", ".."):
         found.problem(path, "is not a single file name (no '/', NUL, '.' or '..')",
                       schema.hint_for("observedCertificate", "customSymbolicLinkName"))
+        return None
+    if len(name.encode()) > LINK_NAME_MAX_BYTES:  # the link is made as `.<name>.lnk-<16 hex>`
+        found.problem(path, f"is longer than {LINK_NAME_MAX_BYTES} bytes in UTF-8",
+                      "Use a shorter name: the store adds a 22-byte temporary suffix while it "
+                      "moves the link, and file names end at 255 bytes")
         return None
     return name
 

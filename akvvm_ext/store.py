@@ -157,7 +157,7 @@ def _store_errors(store_dir: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        where = str(err.filename or store_dir)
+        where = str(err.filename2 or err.filename or store_dir)  # symlink(): 1 is the target
         if os.path.dirname(where) == store_dir:  # a temp or version file: name the store
             where = store_dir
         hint = _HINTS.get(err.errno or 0, "The previous version keeps being served.")
