@@ -136,3 +136,27 @@ def test_a_failing_uninstall_without_dependencies_reports_an_error(tree, monkeyp
     assert entry_point.run(["uninstall"], _environ(tree, 4)) == 1
     reported = tree.status(4)
     assert reported["status"] == "error" and "held the lock" in json.dumps(reported)
+
+
+@pytest.mark.parametrize("raised", ["AttributeError(\"module 'asyncio' has no attribute 'x'\")",
+                                    "SyntaxError('invalid syntax')"])
+def test_a_dependency_that_breaks_with_another_error_is_handled_the_same(tree, tmp_path, raised):
+    """A library raising AttributeError or SyntaxError at import (an old library on a newer
+    python): disable and uninstall still exit 0, enable exits 52 with a status, no traceback."""
+    broken = tmp_path / "broken"
+    for package in ("jsonschema", "tenacity", "cryptography"):
+        (broken / package).mkdir(parents=True)
+        (broken / package / "__init__.py").write_text(f"raise {raised}\n")
+    tree.settings(1, GOOD)
+
+    def run(operation: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-s", "-m", "handler", operation],
+                              env={**_environ(tree, 1), "PYTHONPATH": f"{broken}:{REPO}"},
+                              cwd="/", capture_output=True, text=True, timeout=60)
+
+    enable = run("enable")
+    assert enable.returncode == 52 and "Traceback" not in enable.stderr
+    assert tree.status(1)["status"] == "error"
+    for operation in ("disable", "uninstall"):
+        done = run(operation)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
