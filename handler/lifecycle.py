@@ -26,6 +26,7 @@ from handler import environment, grants
 from handler.environment import EXTENSION_NAME, Environment, remove_file, write_atomic
 from handler.supervisor import ServiceSpec, Supervisor, spec_for
 
+KEPT_STATUS = "last-good-status"  # where a service kept running after refused settings reports
 log = logging.getLogger(__name__)
 
 MIN_PYTHON = (3, 10)
@@ -119,8 +120,12 @@ def enable(ctx: Context) -> str:
     reported = os.path.exists(os.path.join(ctx.env.status_dir, f"{ctx.seq}.status"))
     if not reported:
         report_starting(ctx)
-    raw = settings_file.read(ctx.env.config_dir, ctx.seq, ctx.env.lib_dir)
-    settings = parse(raw)  # SettingsError: the running service keeps its last good config
+    try:  # SettingsError: the running service keeps its last good config
+        raw = settings_file.read(ctx.env.config_dir, ctx.seq, ctx.env.lib_dir)
+        settings = parse(raw)
+    except AkvvmError:
+        _keep_last_good_running(ctx)  # ... and a stopped one (an upgrade's disable) runs it again
+        raise
     for note in settings.notes:
         log.info("Settings: %s", note)
     environment.ensure_state_dir(ctx.env)
@@ -129,6 +134,29 @@ def enable(ctx: Context) -> str:
         action = _apply(ctx, config_document(ctx, raw), reported)
     return (f"enable seq {ctx.seq}: {len(settings.observed)} observed certificate(s), "
             f"{ctx.supervisor.kind} service {action}")
+
+
+def _keep_last_good_running(ctx: Context) -> None:
+    """Refused settings must not leave the VM without its service: when the last good config
+    is not running (an upgrade's disable stopped it), start it again from this version. It
+    reports into the state dir, so that the agent sees this enable's error."""
+    spec, old = ctx.spec, _load_json(ctx.spec.config_path)
+    if old is None or ctx.supervisor.is_running(spec):
+        return
+    kept = {**old, "extensionPath": ctx.env.extension_dir, "handlerVersion": ctx.env.version,
+            "logFolder": ctx.env.log_dir,
+            "statusFolder": os.path.join(ctx.env.state_dir, KEPT_STATUS)}
+    try:
+        with lifecycle_lock(ctx.env.state_dir):
+            os.makedirs(kept["statusFolder"], mode=0o700, exist_ok=True)
+            ctx.supervisor.install(spec)
+            write_atomic(spec.config_path, json.dumps(kept, indent=1, sort_keys=True).encode(),
+                         0o600)
+            ctx.supervisor.restart(spec)
+        log.warning("Settings refused; the service runs the last good settings (seq %s) again",
+                    old.get("seq"))
+    except (AkvvmError, OSError) as err:
+        log.warning("Settings refused, and the last good settings could not run again: %s", err)
 
 
 def report_starting(ctx: Context) -> None:

@@ -120,6 +120,21 @@ def test_invalid_settings_report_every_problem_and_keep_the_service(tree):
     assert tree.config()["seq"] == 1 and tree.pid() == pid
 
 
+def test_refused_settings_after_a_disable_run_the_last_good_ones_again(tree):
+    """An upgrade's disable stopped the service, then the new enable refuses its settings: exit
+    53 with the error for the agent, and the last good settings run again meanwhile."""
+    tree.settings(1, GOOD)
+    assert tree.run("enable", 1) == 0
+    assert tree.run("disable", 1) == 0 and tree.pid() is None
+    tree.settings(2, {"secretsManagementSettings": {"pollingIntervalInS": "x"}})
+    assert tree.run("enable", 2) == EXIT_SETTINGS
+    assert tree.status(2)["status"] == "error"
+    assert tree.pid() is not None
+    kept = tree.config()
+    assert kept["settings"] == GOOD and kept["seq"] == 1 and kept["extensionPath"] == tree.ext
+    assert kept["statusFolder"] != os.path.join(tree.ext, "status")  # seq 2 keeps its error
+
+
 def test_empty_settings_file_is_a_clear_error(tree):
     """A zero-byte settings file: an error status in words, no traceback, no service."""
     tree.settings(0, None, raw="")
