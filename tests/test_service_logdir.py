@@ -1,4 +1,4 @@
-"""A service whose log folder cannot be used logs on stderr and keeps serving (review fix)."""
+"""A service whose log folder cannot be used logs on stderr and keeps serving."""
 from __future__ import annotations
 
 import signal

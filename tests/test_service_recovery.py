@@ -1,5 +1,5 @@
-"""Review regressions of the poll loop: an unexpected exception in a pass, a reload after the
-initial sync gave up, installed certificates whose refresh fails during the initial sync."""
+"""How the poll loop recovers: an unexpected exception in a pass, a reload after the initial
+sync gave up, installed certificates whose refresh fails during the initial sync."""
 from __future__ import annotations
 
 import logging
