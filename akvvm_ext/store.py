@@ -172,6 +172,7 @@ def _ensure_dir(store_dir: str) -> None:
         with contextlib.suppress(FileExistsError):  # made by someone else meanwhile: checked below
             os.mkdir(store_dir, 0o700)
             os.chmod(store_dir, 0o700)
+            fsync_dir(os.path.dirname(store_dir))  # the new store's own entry survives a crash
             log.info("created the certificate store %s", store_dir)
         st = os.lstat(store_dir)
     if stat.S_ISLNK(st.st_mode):  # ancestors may be links (/var -> /private/var); this may not

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from unittest import mock
 
+import pytest
+
 from akvvm_ext import fsio, store, sync
 from akvvm_ext.keyvault import Secret, Vaults
 from akvvm_ext.model import ObservedCertificate, Outcome
@@ -102,3 +104,15 @@ def test_a_pinned_version_written_in_capitals_is_fetched_once(tmp_path: Path) ->
     assert [r.outcome for r in sync.sync(wanted, vault, NOW)] == [Outcome.INSTALLED]
     assert [r.outcome for r in sync.sync(wanted, vault, NOW)] == [Outcome.UNCHANGED]
     assert vault.gets == 1
+
+
+def test_a_new_store_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating the store fsyncs its parent directory, then the store after the renames: after
+    a power cut the served link cannot be lost with a store entry that never reached the disk."""
+    synced: list[str] = []
+    real = store.fsync_dir
+    monkeypatch.setattr(store, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    install(observed(tmp_path / "store"), V1, PEM1)
+    assert synced == [str(tmp_path), str(tmp_path / "store")]
