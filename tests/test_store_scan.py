@@ -1,5 +1,5 @@
 """A store in a sync pass: one listing of it per pass (fsio.Scan), old versions pruned meanwhile,
-and a pinned version recognised whatever the case of its id."""
+a pinned version recognised whatever the case of its id, and a new store made durable."""
 from __future__ import annotations
 
 import os
