@@ -189,15 +189,14 @@ def _translate(exc: BaseException, cert: ObservedCertificate) -> FetchError:
         return _http_error(exc, cert)
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return FetchError(
-            f"cannot reach vault {cert.vault_name} ({type(exc).__name__}: {_detail(exc)})",
+            f"cannot reach vault {cert.vault_name} ({_cause(exc)})",
             "Check DNS, firewalls, HTTPS_PROXY/NO_PROXY and REQUESTS_CA_BUNDLE; retrying.",
             retryable=True,
         )
     if isinstance(exc, ValueError) and "challenge" in str(exc).lower():
         return _challenge_error(exc, cert)  # it names a resource that is not this vault
-    retryable = isinstance(exc, AzureError)
-    return FetchError(f"fetching the secret failed: {type(exc).__name__}: {_detail(exc)}",
-                      retryable=retryable)
+    return FetchError(f"fetching the secret from vault {cert.vault_name} failed ({_cause(exc)})",
+                      retryable=isinstance(exc, AzureError))
 
 
 def _challenge_error(exc: ValueError, cert: ObservedCertificate) -> FetchError:
@@ -287,6 +286,34 @@ def _retry_after(exc: HttpResponseError) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# What broke, from the exception's chain, in fixed words: never the exception's own text, which
+# can quote the vault's answer (a broken chunked body begins with the secret's value).
+_CAUSES = (
+    ("gaierror", "its host name does not resolve"), ("NameResolution", "its host name does not "
+     "resolve"), ("ConnectionRefused", "connection refused"), ("ProxyError", "the proxy failed"),
+    ("SSLCertVerification", "its TLS certificate is not trusted"), ("SSL", "TLS failed"),
+    ("Timeout", "timed out"), ("ConnectionReset", "the connection was reset"),
+    ("InvalidChunkLength", "the answer was cut or garbled"), ("IncompleteRead", "the answer was "
+     "cut short"), ("RemoteDisconnected", "the server closed the connection"),
+    ("BadStatusLine", "the answer was garbled"), ("ProtocolError", "the connection broke"),
+)
+
+
+def _cause(exc: BaseException) -> str:
+    """A fixed description of a transport failure, or the exception's class name."""
+    chain: list[BaseException] = []
+    current: object = exc
+    while isinstance(current, BaseException) and current not in chain and len(chain) < 12:
+        chain.append(current)
+        current = (current.__cause__ or current.__context__
+                   or getattr(current, "inner_exception", None) or getattr(current, "reason", None))
+    names = [klass.__name__ for error in chain for klass in type(error).__mro__]
+    for part, words in _CAUSES:
+        if any(part in name for name in names):
+            return words
+    return type(exc).__name__
 
 
 def _detail(exc: BaseException) -> str:

@@ -31,3 +31,15 @@ def test_firewall_refusal_points_at_network_rules_not_roles(
     assert err.status == 403 and err.retryable
     assert "network rules" in err.hint and "private endpoint" in err.hint
     assert "Key Vault Secrets User" not in str(err)
+
+
+def test_a_broken_answer_never_quotes_the_secret_in_the_error(
+    vaults: Vaults, kv: KeyVaultStandin  # noqa: F811 - the fixture
+) -> None:
+    """A 200 under a false `Transfer-Encoding: chunked` makes the client read the start of the
+    secret as a chunk length; the error names what broke, never the bytes it choked on."""
+    kv.add_certificate("web", make_chain())
+    kv.fault("web", "false_chunked", times=3)
+    err = fetch_error(vaults, observed(kv, "web"))
+    assert err.retryable and "vault localhost" in str(err)
+    assert kv.value("web")[:24] not in str(err) and '"value"' not in str(err)

@@ -7,8 +7,10 @@ API (thread-safe):
       .set_secret(name, value, content_type=None, managed=False, ...) -> version
       .disable_version(name, version=None) / .enable_version(...) / .delete(name)
       .versions(name) -> [version, ...] oldest first / .secret_id(name, version=None) -> URL
+      .value(name, version=None) -> the secret value a GET returns
       .fault(name_or_None, kind, times=1, *, status=, retry_after=, seconds=, inner=)
-          kinds: forbidden, throttle, server_error, delay, reset, malformed, proxy_page;
+          kinds: forbidden, throttle, server_error, delay, reset, malformed, proxy_page,
+          false_chunked;
           .clear_faults()
       .requests -> [(method, path, status)] (status 0: reset) / .count(name=None, method="GET",
           status=None) / .reset_counters()
@@ -35,6 +37,7 @@ from tests.standins.kvwire import (
     challenge,
     disabled,
     error,
+    false_chunked,
     not_found,
     page,
     secret_name,
@@ -134,6 +137,11 @@ class KeyVaultStandin:
         with self._lock:
             return [v.version for v in self._secrets.get(name.lower(), [])]
 
+    def value(self, name: str, version: str | None = None) -> str:
+        """The secret value a GET of that version returns (tests look for it where it must not
+        appear)."""
+        return self._find(name, version).value
+
     def secret_id(self, name: str, version: str | None = None) -> str:
         return f"{self.url}/secrets/{name}" + (f"/{version}" if version else "")
 
@@ -197,6 +205,9 @@ class KeyVaultStandin:
             fault = self._faults.take(secret_name(parts.path))
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
+            elif fault is not None and fault.kind == "false_chunked":
+                base = f"https://{headers.get('Host') or self.url[8:]}"
+                reply = false_chunked(self._route(method, parts.path, parse_qs(parts.query), base))
             elif fault is not None:
                 reply = fault.reply()
                 if reply is None:

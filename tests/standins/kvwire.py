@@ -5,6 +5,7 @@ absolute nextLink, and the queue of scripted faults. No I/O.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 from tests.standins.tls import Reply, json_reply
 
 FAULT_KINDS = ("forbidden", "throttle", "server_error", "delay", "reset", "malformed",
-               "proxy_page")
+               "proxy_page", "false_chunked")
 
 _NOT_FOUND = ("A secret with (name/id) {} was not found in this key vault. If you recently deleted "
               "this secret you may be able to recover it using the correct recovery command. For "
@@ -102,6 +103,17 @@ class Fault:
             return Reply(200, b"<html><body>Blocked by policy</body></html>",
                          (("Content-Type", "text/html"),))
         return None
+
+
+def false_chunked(reply: Reply) -> Reply:
+    """The real answer, `value` first as Key Vault orders it, under a `Transfer-Encoding:
+    chunked` header its body does not follow (a proxy that de-chunks and keeps the header): the
+    client's chunk parser then reads the start of the secret as a chunk length."""
+    document = json.loads(reply.body)
+    if "value" in document:
+        document = {"value": document.pop("value"), **document}
+    return Reply(reply.status, json.dumps(document, separators=(",", ":")).encode(),
+                 (*reply.headers, ("Transfer-Encoding", "chunked"), ("Connection", "close")))
 
 
 class FaultQueue:
