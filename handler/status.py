@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from akvvm_ext import fsio
+from akvvm_ext.logs import redact
 from akvvm_ext.model import CertResult, Outcome
 from akvvm_ext.service import Phase
 
@@ -41,8 +42,9 @@ def shorten(text: str, limit: int) -> str:
 
 
 def formatted(message: str, limit: int = MESSAGE_MAX) -> dict[str, str]:
-    """The `formattedMessage` object: both keys are required by the agent."""
-    return {"lang": "en-US", "message": shorten(message, limit)}
+    """The `formattedMessage` object: both keys are required by the agent. The text goes through
+    the log's redaction too: a status leaves the VM."""
+    return {"lang": "en-US", "message": shorten(redact(message), limit)}
 
 
 def document(operation: str, status: str, message: str,

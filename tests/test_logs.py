@@ -132,7 +132,7 @@ def test_fluentd_blackhole_drops_instead_of_waiting(tmp_path: Path) -> None:
         assert fluent is not None
         start = time.monotonic()
         for n in range(3000):
-            logging.getLogger().info("record %d %s", n, "y" * 2000)
+            logging.getLogger().info("record %d %s", n, "y " * 1000)  # not one base64 run
         assert time.monotonic() - start < 3.0
         assert fluent.dropped > 0
         start = time.monotonic()
@@ -213,6 +213,16 @@ def test_quoted_secret_values_are_redacted_whole(line: str, kept: str) -> None:
     clean = logs.redact(line)
     assert "correct" not in clean and "horse" not in clean, clean
     assert "[REDACTED]" in clean and kept in clean, clean
+
+
+def test_a_secret_bundle_value_and_long_base64_are_redacted_but_urls_are_not() -> None:
+    """`"value":"MII…"` (an answer quoted in an error) and 200+ base64 characters go; a long
+    secret URL with its version stays readable."""
+    pfx = "MIIKpAIBAzCCCm4GCSqGSIb3DQEHAaCCCl8EggpbMIIKVzCCBg8GCSqGSIb3DQEHBqCC" * 4
+    clean = logs.redact(f"got length b'{{\"value\":\"{pfx[:40]}\",\"id\":1}}' then {pfx}")
+    assert "MIIKpAIB" not in clean and clean.count("[REDACTED") == 2, clean
+    url = f"https://v.vault.azure.net/secrets/{'a' * 127}/{'0123456789abcdef' * 2}"
+    assert logs.redact(f"installed {url}") == f"installed {url}"
 
 
 def test_shutdown_keeps_its_budget_when_fluentd_stops_answering(tmp_path: Path) -> None:

@@ -198,7 +198,7 @@ def test_retarget_writes_the_new_sequence_file(tmp_path: Path) -> None:
 
 def test_five_thousand_certificates_fit_in_128_kib(tmp_path: Path) -> None:
     """Thousands of certificates stay under the agent's limit, failures listed first."""
-    results = [ok(n) for n in range(4990)] + [failed(n, "x" * 3000) for n in range(4990, 5000)]
+    results = [ok(n) for n in range(4990)] + [failed(n, "x " * 1500) for n in range(4990, 5000)]
     status.StatusReporter(str(tmp_path), 1, Clock()).report("success", results, "")
     path = tmp_path / "1.status"
     assert path.stat().st_size < status.MAX_FILE_BYTES
@@ -224,3 +224,13 @@ def test_headline_does_not_claim_files_are_served_when_none_was_installed() -> N
     assert "1 of them with nothing installed yet" in never and "still served" not in never
     kept = status.headline("success", [ok(1), failed(2, version="v0")], "", "2026-11-26T00:00:00Z")
     assert "the last good files are still served" in kept
+
+
+def test_a_status_message_goes_through_the_log_redaction() -> None:
+    """An error that quotes a private key or a secret bundle never reaches the status as is."""
+    leaky = failed(3, 'broke on b\'{"value":"MIIKpAIBAzCCCm4GCSqG"}\' and -----BEGIN PRIVATE KEY'
+                      '-----\nMIIEvQ\n-----END PRIVATE KEY-----')
+    text = json.dumps(status.substatus_for(leaky))
+    assert "MIIKpAIB" not in text and "MIIEvQ" not in text
+    headline = status.headline("error", [leaky], "", "2026-11-26T00:00:00Z")
+    assert "MIIKpAIB" not in json.dumps(status.formatted(headline))
