@@ -30,10 +30,11 @@ QUIET = ("azure", "msal", "urllib3")
 _REDACTIONS = (
     (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
                 re.DOTALL), "[REDACTED KEY]"),
-    (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer [REDACTED]"),
+    (re.compile(r"(?i)\b(Bearer|Basic)\s+[A-Za-z0-9\-._~+/]+=*"), r"\1 [REDACTED]"),
+    (re.compile(r"(//[^/\s:@]+:)[^@\s/]+@"), r"\1[REDACTED]@"),  # user:password@ in a URL
     # the value: a whole quoted string (backslash escapes inside; unclosed: to the line's end),
     # else an unquoted word
-    (re.compile(r"(?i)([\"']?(?:access_token|refresh_token|client_secret|password)[\"']?\s*[:=]\s*)"
+    (re.compile(r"(?i)([\"']?(?:access_?token|refresh_?token|client_?secret|password)[\"']?\s*[:=]\s*)"
                 r"(?:\"(?:[^\"\\\n]|\\.)*\"?|'(?:[^'\\\n]|\\.)*'?|[^\"'\s,&}]+)"),
      r"\1[REDACTED]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "[REDACTED JWT]"),

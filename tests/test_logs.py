@@ -207,6 +207,9 @@ def test_fluentd_records_carry_sub_second_time(tmp_path: Path) -> None:
     ("{'client_secret': 'correct horse', 'tenant': 't1'}", "'tenant': 't1'"),
     ('{"access_token": "abc\\"correct horse\\\\", "expires_in": "3600"}', '"expires_in": "3600"'),
     ('refresh_token="correct horse', "refresh_token="),
+    ('{"accessToken": "correct horse", "expiresOn": 1}', '"expiresOn": 1'),
+    ("Authorization: Basic correcthorse==", "Authorization: Basic"),
+    ("proxy http://bob:correcthorse@proxy.example:3128 refused", "http://bob:"),
 ])
 def test_quoted_secret_values_are_redacted_whole(line: str, kept: str) -> None:
     """A quoted password or token is removed entirely (spaces, escaped quotes); the rest stays."""
