@@ -12,9 +12,16 @@ def failing(results: Sequence[CertResult]) -> list[CertResult]:
     return [r for r in results if r.outcome is Outcome.FAILED]
 
 
-def not_installed(result: CertResult) -> bool:
-    """A failure that left nothing installed: what the initial sync waits for (SPEC 3.6)."""
-    return result.outcome is Outcome.FAILED and result.version is None
+def serves(cert: ObservedCertificate, result: CertResult) -> bool:
+    """Whether the link serves what `cert` asks for: any version, or the one pinned."""
+    return result.version is not None and (
+        cert.version is None or result.version.lower() == cert.version.lower())
+
+
+def not_installed(cert: ObservedCertificate, result: CertResult) -> bool:
+    """A failure that left `cert` without what it asks for installed: what the initial sync
+    waits for (SPEC 3.6). A failed pin still names the older version it serves."""
+    return result.outcome is Outcome.FAILED and not serves(cert, result)
 
 
 class Board:
@@ -33,9 +40,10 @@ class Board:
         return [self._latest[c] for c in self.observed if c in self._latest]
 
     def missing(self) -> tuple[ObservedCertificate, ...]:
-        """The certificates with nothing installed (never synced, or failed before any version)."""
+        """The certificates without what they ask for installed (never synced, failed before any
+        version, or a pinned version not yet installed)."""
         return tuple(c for c in self.observed
-                     if c not in self._latest or self._latest[c].version is None)
+                     if c not in self._latest or not serves(c, self._latest[c]))
 
     def carried(self, observed: Sequence[ObservedCertificate]) -> Board:
         """A board for new settings keeping what is known of the certificates still observed."""

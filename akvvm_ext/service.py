@@ -169,7 +169,8 @@ class Service:
                       certs: Sequence[ObservedCertificate]) -> list[CertResult]:
         """An initial attempt; an installed certificate that fails takes the retry passes."""
         results = self._pass(settings, vaults, certs)
-        self._holds.record([r for r in results if not not_installed(r)], self._monotonic(),
+        self._holds.record([r for c, r in zip(certs, results, strict=True)
+                            if not not_installed(c, r)], self._monotonic(),
                            self._next_poll, settings.polling_interval_s)
         return results
 
@@ -284,8 +285,9 @@ class _Pending:
         if self.certs and not self.interrupted():
             results = self.run(self.certs)
             self.attempts += 1
-            self.failed = [r for r in results if not_installed(r)]
-            self.certs = [c for c, r in zip(self.certs, results, strict=True) if not_installed(r)]
+            pending = [(c, r) for c, r in zip(self.certs, results, strict=True)
+                       if not_installed(c, r)]
+            self.failed, self.certs = [r for _, r in pending], [c for c, _ in pending]
         return self.certs
 
     def retry_after(self) -> float | None:

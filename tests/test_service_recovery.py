@@ -3,6 +3,7 @@ sync gave up, installed certificates whose refresh fails during the initial sync
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -135,3 +136,16 @@ def test_reload_after_initial_error_gets_fresh_retries() -> None:
     assert recorder.phases[reports:] == ["transitioning"] * 26 + ["error"]
     assert len(fake.calls) == calls + 26
     assert recorder.reports[-1][2].startswith("Gave up after 25 retries")
+
+
+def test_a_pinned_version_not_yet_installed_is_waited_for_though_an_older_one_is_served() -> None:
+    """requireInitialSync, `a` pinned to v2: a failure that still serves v1 keeps the status
+    transitioning and is retried as an initial attempt; success comes with v2 installed."""
+    pinned = replace(settings("a", initial=True).observed[0], version="V2")  # any case
+    wanted = replace(settings("a", initial=True), observed=(pinned,))
+    fake = FakeSync(scripts={"a": lambda n: serving(A) if n < 3 else CertResult(
+        url=A, outcome=Outcome.INSTALLED, version="v2", path="/store/vault.a.v2")})
+    recorder = Recorder()
+    run_until(service(lambda: wanted, fake, recorder), fake, 4)
+    assert [names for _, names in fake.calls[:3]] == [("a",)] * 3
+    assert recorder.phases[:3] == ["transitioning", "transitioning", "success"]
