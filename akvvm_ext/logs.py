@@ -38,9 +38,9 @@ _REDACTIONS = (
                 r"(?:\"(?:[^\"\\\n]|\\.)*\"?|'(?:[^'\\\n]|\\.)*'?|[^\"'\s,&}]+)"),
      r"\1[REDACTED]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "[REDACTED JWT]"),
-    # a secret bundle's value, and a long run of base64 (a PFX, a key): never words or URLs
+    # a secret bundle's value, and base64 DER (a PFX, a key, a certificate: it starts "MII")
     (re.compile(r"(\\?[\"']value\\?[\"']\s*:\s*)\\?[\"'][^\"'\\]*"), r"\1[REDACTED]"),
-    (re.compile(r"[A-Za-z0-9+/]{200,}={0,2}"), "[REDACTED DATA]"),
+    (re.compile(r"\bMII[A-Za-z0-9+/]{60,}={0,2}"), "[REDACTED DATA]"),
 )
 
 

@@ -146,7 +146,10 @@ def _polling(sms: dict[str, Any], found: Findings) -> int:
         found.note(path, "is a JSON number; the documented form is a string such as \"3600\"",
                    "Accepted as is")
     digits = (value.lstrip("0") or "0") if isinstance(value, str) else ""  # digits only (schema)
-    seconds = value if isinstance(value, int) else int(digits) if len(digits) <= 12 else 0
+    if isinstance(value, (int, float)):  # jsonschema counts 3600.0 as an integer
+        seconds = int(value)
+    else:
+        seconds = int(digits) if len(digits) <= 12 else 0
     if not 1 <= seconds <= 31536000:
         found.problem(path, "must be between 1 and 31536000 seconds", "Use e.g. \"3600\"")
         return DEFAULT_POLLING_INTERVAL_S

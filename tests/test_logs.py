@@ -219,13 +219,15 @@ def test_quoted_secret_values_are_redacted_whole(line: str, kept: str) -> None:
 
 
 def test_a_secret_bundle_value_and_long_base64_are_redacted_but_urls_are_not() -> None:
-    """`"value":"MII…"` (an answer quoted in an error) and 200+ base64 characters go; a long
-    secret URL with its version stays readable."""
+    """`"value":"MII…"` (an answer quoted in an error) and base64 DER (`MII…`) go; a long secret
+    URL with its version and a deep store path stay readable."""
     pfx = "MIIKpAIBAzCCCm4GCSqGSIb3DQEHAaCCCl8EggpbMIIKVzCCBg8GCSqGSIb3DQEHBqCC" * 4
     clean = logs.redact(f"got length b'{{\"value\":\"{pfx[:40]}\",\"id\":1}}' then {pfx}")
     assert "MIIKpAIB" not in clean and clean.count("[REDACTED") == 2, clean
     url = f"https://v.vault.azure.net/secrets/{'a' * 127}/{'0123456789abcdef' * 2}"
     assert logs.redact(f"installed {url}") == f"installed {url}"
+    link = "/var/lib/waagent/store/" + "x" * 220
+    assert logs.redact(f"link {link}") == f"link {link}"
 
 
 def test_shutdown_keeps_its_budget_when_fluentd_stops_answering(tmp_path: Path) -> None:

@@ -136,9 +136,10 @@ def test_additional_suffix_with_leading_dot_matches_on_label_boundary() -> None:
     assert cert.relaxed_challenge and cert.vault_name == "kv"
 
 
-def test_number_polling_interval_is_accepted_with_a_note() -> None:
-    """pollingIntervalInS 600 (a JSON number) works and is noted."""
-    settings = parse(base(pollingIntervalInS=600))
+@pytest.mark.parametrize("number", [600, 600.0])
+def test_number_polling_interval_is_accepted_with_a_note(number: float) -> None:
+    """pollingIntervalInS 600 or 600.0 (a JSON number) works and is noted."""
+    settings = parse(base(pollingIntervalInS=number))
     assert settings.polling_interval_s == 600
     assert any("pollingIntervalInS: is a JSON number" in n for n in settings.notes)
 
