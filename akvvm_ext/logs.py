@@ -15,10 +15,12 @@ import re
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from akvvm_ext.forwarder import Fluent
 from akvvm_ext.model import LoggingTarget
+
+if TYPE_CHECKING:  # fluent-logger is imported only when fluentd is configured: the standard
+    from akvvm_ext.forwarder import Fluent  # library alone serves handler.__main__'s guard
 
 FORMAT = "%(asctime)s: %(levelname)s [%(component)s] %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
@@ -115,7 +117,11 @@ def setup(log_dir: str | None, component: str, target: LoggingTarget | None = No
     shutdown()
     root = logging.getLogger()
     handlers = [_file_or_stderr(log_dir, filename)]
-    fluent = Fluent(target) if target else None
+    fluent = None
+    if target:
+        from akvvm_ext.forwarder import Fluent
+
+        fluent = Fluent(target)
     if fluent:
         handlers.append(fluent.handler)
     for handler in handlers:
@@ -128,6 +134,19 @@ def setup(log_dir: str | None, component: str, target: LoggingTarget | None = No
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     _state.update(handlers=handlers, fluent=fluent)
     return fluent
+
+
+def setup_or_stderr(log_dir: str, component: str, target: LoggingTarget | None = None, *,
+                    filename: str = "akvvm_service.log") -> Fluent | None:
+    """`setup` into `log_dir`, else (read-only, a file in its place) on stderr, saying why once:
+    a log folder that cannot be used never stops a command or the service."""
+    try:
+        return setup(log_dir, component, target, filename=filename)
+    except OSError as err:
+        fluent = setup(None, component, target)
+        logging.getLogger("akvvm").warning("cannot log to %s (%s); logging to stderr", log_dir,
+                                           err.strerror or err)
+        return fluent
 
 
 def _file_or_stderr(log_dir: str | None, filename: str) -> logging.Handler:

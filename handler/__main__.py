@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 
+from akvvm_ext import logs
 from akvvm_ext.errors import AkvvmError
 from handler import environment, supervisor  # stdlib only: tests/test_environment.py keeps it so
 
@@ -112,27 +112,13 @@ def stop_service(environ: Mapping[str, str]) -> None:
 
 @contextlib.contextmanager
 def handler_log(log_dir: str) -> Iterator[None]:
-    """extension.log as `handler.main` writes it, with the standard library's logging alone."""
-    root, level = logging.getLogger(), logging.getLogger().level
-    try:
-        os.makedirs(log_dir, mode=0o755, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(log_dir, "extension.log"), encoding="utf-8")
-    except OSError as err:
-        print(f"cannot log to {log_dir}: {err}", file=sys.stderr)
-        yield
-        return
-    formatter = logging.Formatter("%(asctime)s: %(levelname)s [Handler] %(message)s",
-                                  "%Y-%m-%d %H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    """extension.log as `handler.main` writes it (akvvm_ext.logs needs the standard library only
+    while no fluentd is configured)."""
+    logs.setup_or_stderr(log_dir, "Handler", filename="extension.log")
     try:
         yield
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
+        logs.shutdown()
 
 
 if __name__ == "__main__":

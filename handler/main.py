@@ -37,7 +37,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
                      environment.sequence_number(os.path.join(fallback, "config"), environ),
                      str(err), EXIT_FAILED)
     seq = environment.sequence_number(env.config_dir, environ)
-    _setup_logging(env.log_dir)
+    logs.setup_or_stderr(env.log_dir, "Handler", filename="extension.log")
     log.info("%s %s (seq %d) from %s", operation, env.version, seq, env.extension_dir)
     context = Context(env=env, seq=seq, environ=environ, supervisor=choose(environ))
     code = _run(operation, context)
@@ -83,9 +83,3 @@ def _fail(operation: str, status_dir: str, seq: int, message: str, code: int) ->
     return code
 
 
-def _setup_logging(log_dir: str) -> None:
-    try:
-        logs.setup(log_dir, "Handler", filename="extension.log")
-    except OSError as err:
-        logs.setup(None, "Handler")
-        log.warning("cannot log to %s (%s); logging to stderr", log_dir, err)

@@ -115,7 +115,7 @@ def main(argv: Sequence[str]) -> int:
             return once(config, scale)
         finally:
             logs.shutdown()
-    _setup_logging(config)
+    logs.setup_or_stderr(config.log_dir, "Service", config.settings.logging)
     if scale_note:
         log.warning("%s", scale_note)
     outcome = serve(args.config, config, scale)
@@ -125,15 +125,6 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.flush()
         os._exit(outcome.code)
     return outcome.code
-
-
-def _setup_logging(config: Config) -> None:
-    """The log folder, else stderr (read-only, a file in its place): said once, the service runs."""
-    try:
-        logs.setup(config.log_dir, "Service", config.settings.logging)
-    except OSError as err:
-        logs.setup(None, "Service", config.settings.logging)
-        log.warning("cannot log to %s (%s); logging to stderr", config.log_dir, err.strerror or err)
 
 
 def _config_failed(err: ConfigError) -> int:
@@ -293,7 +284,7 @@ class _Loader:
         fresh = read_config(self.path)
         self.reporter.retarget(fresh.status_dir, fresh.seq)
         if fresh.settings.logging != self.config.settings.logging:
-            _setup_logging(fresh)
+            logs.setup_or_stderr(fresh.log_dir, "Service", fresh.settings.logging)
         log.info("config reloaded (seq %d)", fresh.seq)
         self.config = fresh
         return fresh.settings
