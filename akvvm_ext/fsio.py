@@ -4,6 +4,7 @@ behind. Never follows a symlink."""
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import re
@@ -24,6 +25,17 @@ def lstat(path: str) -> os.stat_result | None:
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """write(2) until every byte is written (a filling disk writes short); one that writes
+    nothing raises ENOSPC instead of looping."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote nothing)")
+        view = view[written:]
 
 
 def fsync_dir(path: str) -> None:

@@ -16,7 +16,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from akvvm_ext.errors import StoreError
-from akvvm_ext.fsio import Scan, fsync_dir, lstat, remove_quietly, remove_stale_temps
+from akvvm_ext.fsio import (
+    Scan,
+    fsync_dir,
+    lstat,
+    remove_quietly,
+    remove_stale_temps,
+    write_all,
+)
 from akvvm_ext.model import ObservedCertificate
 
 log = logging.getLogger("akvvm.store")
@@ -245,9 +252,7 @@ def _write_atomically(plan: StorePlan, prepare: Prepare | None, token: Token) ->
     try:
         try:
             os.fchmod(fd, 0o600)  # the umask may have taken bits away; never adds any
-            view = memoryview(plan.content)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, plan.content)
             os.fsync(fd)
         finally:
             os.close(fd)

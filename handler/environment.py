@@ -6,7 +6,6 @@ report a missing dependency.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 
 from akvvm_ext import __version__
 from akvvm_ext.errors import AkvvmError
+from akvvm_ext.fsio import write_all
 
 EXTENSION_NAME = "Microsoft.Azure.KeyVault.KeyVaultForLinux"
 STATE_DIR_NAME = f"{EXTENSION_NAME}.State"
@@ -174,7 +174,7 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -182,16 +182,6 @@ def write_atomic(path: str, data: bytes, mode: int) -> None:
     except BaseException:
         remove_file(tmp)
         raise
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """write(2) until every byte is written; one that writes nothing raises ENOSPC."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote nothing)")
-        view = view[written:]
 
 
 def version_key(version: str) -> tuple[int, ...]:
