@@ -290,14 +290,20 @@ def _retry_after(exc: HttpResponseError) -> float | None:
 
 # What broke, from the exception's chain, in fixed words: never the exception's own text, which
 # can quote the vault's answer (a broken chunked body begins with the secret's value).
-_CAUSES = (
-    ("gaierror", "its host name does not resolve"), ("NameResolution", "its host name does not "
-     "resolve"), ("ConnectionRefused", "connection refused"), ("ProxyError", "the proxy failed"),
-    ("SSLCertVerification", "its TLS certificate is not trusted"), ("SSL", "TLS failed"),
-    ("Timeout", "timed out"), ("ConnectionReset", "the connection was reset"),
-    ("InvalidChunkLength", "the answer was cut or garbled"), ("IncompleteRead", "the answer was "
-     "cut short"), ("RemoteDisconnected", "the server closed the connection"),
-    ("BadStatusLine", "the answer was garbled"), ("ProtocolError", "the connection broke"),
+_CAUSES = (  # (part of an exception class name in the chain, what to say), first match wins
+    ("gaierror", "its host name does not resolve"),
+    ("NameResolution", "its host name does not resolve"),
+    ("ConnectionRefused", "connection refused"),
+    ("ProxyError", "the proxy failed"),
+    ("SSLCertVerification", "its TLS certificate is not trusted"),
+    ("SSL", "TLS failed"),
+    ("Timeout", "timed out"),
+    ("ConnectionReset", "the connection was reset"),
+    ("InvalidChunkLength", "the answer was cut or garbled"),
+    ("IncompleteRead", "the answer was cut short"),
+    ("RemoteDisconnected", "the server closed the connection"),
+    ("BadStatusLine", "the answer was garbled"),
+    ("ProtocolError", "the connection broke"),
 )
 
 
