@@ -14,8 +14,7 @@ def failing(results: Sequence[CertResult]) -> list[CertResult]:
 
 def serves(cert: ObservedCertificate, result: CertResult) -> bool:
     """Whether the link serves what `cert` asks for: any version, or the one pinned."""
-    return result.version is not None and (
-        cert.version is None or result.version.lower() == cert.version.lower())
+    return result.version is not None and cert.wants(result.version)
 
 
 def not_installed(cert: ObservedCertificate, result: CertResult) -> bool:

@@ -38,6 +38,11 @@ class ObservedCertificate:
         """Version files are named `<prefix>.<version>`."""
         return f"{self.vault_name}.{self.secret_name}"
 
+    def wants(self, version: str) -> bool:
+        """Whether `version` is what this certificate asks for: any, or its pin (Key Vault's ids
+        are lower-case; a pin may be written in capitals)."""
+        return self.version is None or version.lower() == self.version.lower()
+
 
 @dataclass(frozen=True)
 class Identity:

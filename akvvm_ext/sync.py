@@ -144,7 +144,7 @@ def _verified(cert: ObservedCertificate, shared: _Pass) -> CertResult | None:
     current = _installed_quietly(cert)
     known = _MEMO.get(os.path.join(cert.store_dir, cert.link_name))
     grants = cert.acls if shared.acls_on else ()
-    if current is None or (cert.version or current.version).lower() != current.version.lower():
+    if current is None or not cert.wants(current.version):
         return None
     if not verified.still_valid(known, current.path, grants):
         return None
