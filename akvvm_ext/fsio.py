@@ -1,6 +1,7 @@
-"""The store's small file-system steps: lstat without raising, directory fsync, quiet unlink, one
-listing of a store shared by a pass, and the sweep of temp files a killed writer of ours left
-behind. Never follows a symlink."""
+"""Small file-system steps of the store and the handler's state files: lstat without raising, a
+write that completes or raises, directory fsync, quiet unlink, one listing of a store shared by a
+pass, and the sweep of temp files a killed writer of ours left behind. Never follows a symlink.
+Standard library only (the handler's dependency guard uses it)."""
 from __future__ import annotations
 
 import bisect
